@@ -1,0 +1,1 @@
+"""controller_stub layer (see docs/ARCHITECTURE.md)."""
