@@ -1,1 +1,10 @@
-"""core layer (see docs/ARCHITECTURE.md)."""
+"""Sans-I/O state machines: bytes, messages and ``now`` in; messages, jobs and events out."""
+
+from agent.core._events import ChunkJob, ChunkRetried, FileCompleted, FileFailed, TransferCompleted
+from agent.core.receiver import FinalizeFile, ReceiverCore
+from agent.core.sender import SenderCore
+
+__all__ = [
+    "ChunkJob", "ChunkRetried", "FileCompleted", "FileFailed", "TransferCompleted",
+    "FinalizeFile", "ReceiverCore", "SenderCore",
+]

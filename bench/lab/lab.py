@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -156,6 +157,7 @@ def cleanup_stale() -> list[str]:
         if owner != os.getpid() and not _pid_alive(owner):
             _kill_netns_processes(ns)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
             removed.append(ns)
     return removed
 
@@ -237,6 +239,7 @@ class Lab:
             _ip("netns", "add", ns)
             self._created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
+            self._write_etc(ns)
         self._configure_sysctls()
         if self.backend == "relay":
             self._build_relay_links()
@@ -245,6 +248,27 @@ class Lab:
         self.built = True
         log.info("lab %s built: backend=%s namespaces=%s", self.topology.name, self.backend,
                  list(self.namespaces.values()))
+
+    def _write_etc(self, ns: str) -> None:
+        """`ip netns exec` bind-mounts /etc/netns/NS/* over /etc: give each host a hosts
+        file naming every lab address (tools such as GridFTP resolve their own address)
+        and no DNS server (there is none in the lab; lookups must fail fast)."""
+        etc = Path("/etc/netns") / ns
+        etc.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost"]
+        seen = set()
+        for p in self.topology.ports:
+            names = [f"{p.host}-{p.link}"]
+            if p.host not in seen:
+                names.append(p.host)
+                seen.add(p.host)
+            lines.append(f"{p.address} {' '.join(names)}")
+        # The machine's own name resolves, in each host, to that host's first address.
+        me = next((p.address for p in self.topology.ports
+                   if self.namespaces[p.host] == ns), "127.0.0.1")
+        lines.append(f"{me} {socket.gethostname()}")
+        (etc / "hosts").write_text("\n".join(lines) + "\n")
+        (etc / "resolv.conf").write_text("# dxa lab: no DNS inside the lab\noptions timeout:1 attempts:1\n")
 
     def _choose_backend(self) -> str:
         if self.requested_backend == "relay":
@@ -297,6 +321,8 @@ class Lab:
             self.congestion[host.name] = actual
 
     def _build_relay_links(self) -> None:
+        if not self.topology.ports:
+            return
         self.relay = Relay(self.topology.relay_config(self.ifnames), self.workdir)
         self.relay.start()
         for port, ifname in zip(self.topology.ports, self.ifnames):
@@ -373,6 +399,7 @@ class Lab:
                 self.relay = None
             for ns in self._created:
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+                shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
             self._created.clear()
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""aio layer (see docs/ARCHITECTURE.md)."""

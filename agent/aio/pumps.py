@@ -1,0 +1,210 @@
+"""Data-connection pumps: one thread per TCP stream, blocking sockets.
+
+Why threads: the per-chunk work (pread, BLAKE3, AEAD, send/recv, pwrite) releases
+the GIL, so one thread per stream runs it in parallel with no event-loop hop per
+socket read (measured in bench/; see docs/ARCHITECTURE.md).  Pumps own their
+socket and touch no core state: they report every outcome to the event loop with
+``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from typing import Callable
+
+from agent.core import ChunkJob
+from agent.errors import DxaError, IntegrityError, RemoteProtocolError
+from agent.wire import (
+    DATA_HEADER_LEN,
+    PREFIX_LEN,
+    FrameType,
+    Opener,
+    Sealer,
+    check_prefix,
+    chunk_digest,
+    decode_data_header,
+    decode_message,
+)
+
+__all__ = ["SendPump", "ReceivePump", "recv_exactly", "SourceReader", "SourceChanged", "set_pacing"]
+
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+
+
+def set_pacing(sock: socket.socket, bytes_per_second: int) -> None:
+    """Ask the kernel to pace this socket (works without the fq qdisc on modern kernels)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, bytes_per_second)
+
+
+def recv_exactly(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytearray | None:
+    """Read exactly n bytes; None on a clean EOF before the first byte."""
+    out = buf if buf is not None else bytearray(n)
+    view = memoryview(out)[:n]
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise ConnectionResetError("connection closed in the middle of a frame")
+        got += k
+    return out
+
+
+class SourceChanged(DxaError):
+    pass
+
+
+class SourceReader:
+    """Reads chunks of local source files, checking they did not change since listing."""
+
+    def __init__(self, paths: dict[int, str], entries: dict) -> None:
+        self._paths = paths
+        self._entries = entries
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file_id: int) -> int:
+        fd = self._fds.get(file_id)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file_id)
+                if fd is None:
+                    try:
+                        fd = os.open(self._paths[file_id], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    except OSError as exc:
+                        raise SourceChanged(f"cannot open source: {exc.strerror}") from None
+                    self._fds[file_id] = fd
+        return fd
+
+    def read(self, job: ChunkJob) -> bytes:
+        fd = self._fd(job.file_id)
+        e = self._entries[job.file_id]
+        st = os.fstat(fd)
+        if st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
+            raise SourceChanged("source file changed since it was listed")
+        data = os.pread(fd, job.length, job.offset)
+        if len(data) != job.length:
+            raise SourceChanged("source file shrank while being read")
+        return data
+
+    def release(self, file_id: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(file_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class SendPump(threading.Thread):
+    """Takes jobs from its queue: verify (re-hash) or read + hash + seal + send."""
+
+    def __init__(self, stream: int, sock: socket.socket, reader, sealer: Sealer, compress: str,
+                 post: Callable, on_result: Callable) -> None:
+        super().__init__(name=f"dxa-send-{stream}", daemon=True)
+        self.stream = stream
+        self.sock = sock
+        self.jobs: queue.SimpleQueue[ChunkJob | None] = queue.SimpleQueue()
+        self.queued = 0
+        self._reader = reader
+        self._sealer = sealer
+        self._compress = compress
+        self._post = post
+        self._on_result = on_result
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.sock.close()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                data = self._reader.read(job)
+            except (SourceChanged, OSError) as exc:
+                self._post(self._on_result, self, "source_failed", job, str(exc), 0)
+                continue
+            digest = chunk_digest(data)
+            if job.verify:
+                self._post(self._on_result, self, "verified", job, digest, 0)
+                continue
+            sealed = self._sealer.seal(job.file_id, job.chunk, job.offset, data, digest, self._compress)
+            del data
+            try:
+                self.sock.sendall(sealed.frame)
+            except OSError as exc:
+                self._post(self._on_result, self, "broken", job, str(exc), 0)
+                return
+            self._post(self._on_result, self, "sent", job, digest, sealed.wire_payload)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+
+class ReceivePump(threading.Thread):
+    """Reads DATA frames, opens and verifies them, writes them at their offset."""
+
+    def __init__(self, stream: int, sock: socket.socket, opener: Opener, check_header: Callable,
+                 write: Callable | None, max_frame: int, post: Callable, on_result: Callable) -> None:
+        super().__init__(name=f"dxa-recv-{stream}", daemon=True)
+        self.stream = stream
+        self.sock = sock
+        self._opener = opener
+        self._check = check_header
+        self._write = write
+        self._max_frame = max_frame
+        self._post = post
+        self._on_result = on_result
+        self.stopping = False
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except (OSError, RemoteProtocolError, DxaError) as exc:
+            if not self.stopping:
+                self._post(self._on_result, self, "broken", None, exc, 0)
+            return
+        finally:
+            self.sock.close()
+        self._post(self._on_result, self, "eof", None, None, 0)
+
+    def _loop(self) -> None:
+        sock = self.sock
+        while True:
+            prefix = recv_exactly(sock, PREFIX_LEN)
+            if prefix is None:
+                return
+            ftype, length = check_prefix(prefix, self._max_frame)
+            body = recv_exactly(sock, length) if length else bytearray()
+            if body is None:
+                raise ConnectionResetError("connection closed in the middle of a frame")
+            if ftype != FrameType.DATA:
+                msg = decode_message(ftype, bytes(body))
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} on a data connection")
+            header = bytes(prefix) + bytes(body[: DATA_HEADER_LEN - PREFIX_LEN])
+            hdr = decode_data_header(header)
+            self._check(hdr)
+            try:
+                plain = self._opener.open(hdr, header, memoryview(body)[DATA_HEADER_LEN - PREFIX_LEN :])
+            except IntegrityError as exc:
+                self._post(self._on_result, self, "rejected", hdr, str(exc), hdr.payload_len)
+                continue
+            if self._write is not None:
+                try:
+                    self._write(hdr.file_id, hdr.offset, plain)
+                except DxaError as exc:
+                    self._post(self._on_result, self, "storage", hdr, exc, hdr.payload_len)
+                    return
+            self._post(self._on_result, self, "verified", hdr, hdr.digest, hdr.payload_len)

@@ -1,0 +1,394 @@
+"""The ``dxa`` command: the only place that reads argv, the environment and config files.
+
+Settings resolve as: config file (``$DXA_HOME/config.toml`` or ``--config``) <
+environment (``DXA_*``) < flags.  Human messages for errors are formatted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+import tomllib
+
+from agent import __version__
+from agent.errors import (
+    AuthenticationError,
+    BrokenConnectionError,
+    ConfigError,
+    DiskFullError,
+    DxaError,
+    PathError,
+    TransferError,
+)
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
+
+EPILOG = """\
+environment:
+  DXA_HOME            identity, trust and client state (default ~/.config/dxa)
+  DXA_STREAMS, DXA_CHUNK_SIZE, DXA_COMPRESS, DXA_CIPHER
+                      defaults for cp/bench (flags win)
+  DXA_NO_EXTENSIONS=1 use the pure-Python twins of the compiled modules
+
+config file ($DXA_HOME/config.toml, or --config FILE):
+  [cp]    streams = 8, chunk_size = "8M", compress = "auto", cipher = "aes256gcm"
+  [serve] listen = "0.0.0.0:7400", root = "/srv/dxa", state_dir = "/var/lib/dxa"
+
+exit status:
+  0 everything arrived verified   1 transfer incomplete (re-run to resume)
+  2 bad usage or configuration    3 authentication refused
+  4 network failure               5 local storage failure (e.g. disk full)
+"""
+
+
+def _home(args) -> str:
+    return os.path.expanduser(getattr(args, "home", None) or os.environ.get("DXA_HOME") or "~/.config/dxa")
+
+
+def _config(args) -> dict:
+    path = getattr(args, "config", None) or os.path.join(_home(args), "config.toml")
+    if not os.path.exists(path):
+        if getattr(args, "config", None):
+            raise ConfigError(f"{path}: config file not found")
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _setting(args, cfg: dict, section: str, name: str, default):
+    flag = getattr(args, name, None)
+    if flag is not None:
+        return flag
+    env = os.environ.get(f"DXA_{name.upper()}")
+    if env is not None:
+        return env
+    return cfg.get(section, {}).get(name, default)
+
+
+def _identity(args):
+    from agent.store.pki import load_identity
+
+    return load_identity(_home(args), ca=args.ca, cert=args.cert, key=args.key)
+
+
+def _transfer_options(args, section: str):
+    from agent.config import TransferOptions, parse_size
+
+    cfg = _config(args)
+    try:
+        streams = int(_setting(args, cfg, section, "streams", 4))
+    except ValueError:
+        raise ConfigError("streams must be a whole number") from None
+    return TransferOptions(
+        streams=streams,
+        chunk_size=parse_size(_setting(args, cfg, section, "chunk_size", "4M")),
+        compress=_setting(args, cfg, section, "compress", "auto"),
+        encrypt=not args.no_encrypt,
+        cipher=_setting(args, cfg, section, "cipher", "aes256gcm"),
+        recursive=getattr(args, "recursive", False),
+    )
+
+
+def _setup_logging(args, *, daemon: bool = False) -> None:
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if (args.verbose or daemon) else logging.WARNING
+    if getattr(args, "quiet", False) and not daemon:
+        level = logging.ERROR
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "dxa: %(message)s")
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class _ProgressBar:
+    """One line on stderr, redrawn a few times a second: bytes, %, rate, ETA, files."""
+
+    def __init__(self, progress) -> None:
+        self.p = progress
+        self._last = (time.monotonic(), 0)
+        self._rate = 0.0
+
+    def draw(self, final: bool = False) -> None:
+        p = self.p
+        now = time.monotonic()
+        t_last, b_last = self._last
+        if now - t_last >= 0.5:
+            inst = (p.bytes_done - b_last) / (now - t_last)
+            self._rate = inst if not self._rate else 0.7 * self._rate + 0.3 * inst
+            self._last = (now, p.bytes_done)
+        total = max(p.bytes_total, 1)
+        frac = min(p.bytes_done / total, 1.0)
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        left = (p.bytes_total - p.bytes_done) / self._rate if self._rate > 0 else 0
+        eta = f"{int(left // 60)}:{int(left % 60):02d}" if self._rate > 0 and not final else "--:--"
+        line = (f"\r[{bar}] {frac * 100:5.1f}% {_human(p.bytes_done)}/{_human(p.bytes_total)} "
+                f"{self._rate * 8 / 1e9:6.2f} Gbit/s ETA {eta} files {p.files_done}/{p.files_total}")
+        sys.stderr.write(line + ("\n" if final else ""))
+        sys.stderr.flush()
+
+    async def run(self) -> None:
+        while True:
+            self.draw()
+            await asyncio.sleep(0.2)
+
+
+# -- commands --------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    from agent.store.pki import init_home, issue_cert
+
+    home = _home(args)
+    if args.issue:
+        if not args.out:
+            raise ConfigError("--issue needs --out DIR")
+        ident = issue_cert(home, args.issue, args.out)
+        print(f"issued a certificate for {ident.name!r} in {args.out} (CA: {ident.ca_cert})")
+        return EXIT_OK
+    ident, created = init_home(home, args.name)
+    if args.json:
+        print(json.dumps({"home": home, "name": ident.name, "created": [str(p) for p in created],
+                          "ca": str(ident.ca_cert), "cert": str(ident.cert), "key": str(ident.key)}))
+    elif created:
+        print(f"created {len(created)} file(s) in {home} for node {ident.name!r}:")
+        for p in created:
+            print(f"  {p}")
+    else:
+        print(f"{home}: identity for {ident.name!r} already present; nothing to do")
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from agent._native import IMPLEMENTATION
+    from agent.aio.server import Server
+    from agent.config import ServerConfig
+
+    _setup_logging(args, daemon=True)
+    cfg = _config(args)
+    listen = _setting(args, cfg, "serve", "listen", "127.0.0.1:7400")
+    root = _setting(args, cfg, "serve", "root", None)
+    if not root:
+        raise ConfigError("dxa serve needs --root DIR (or root = ... in [serve] of the config file)")
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
+    config = ServerConfig(root=root, host=host.strip("[]"), port=int(port),
+                          state_dir=_setting(args, cfg, "serve", "state_dir", "") or "")
+    identity = _identity(args)
+    _raise_fd_limit()
+    log = logging.getLogger("agent.serve")
+    log.info("dxa %s, node %s, native code: %s", __version__, identity.name, IMPLEMENTATION)
+
+    async def main() -> None:
+        server = Server(config, identity)
+        await server.start()
+        if args.port_file:
+            with open(args.port_file + ".tmp", "w") as fh:
+                fh.write(str(server.port))
+            os.replace(args.port_file + ".tmp", args.port_file)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await server.close()
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_cp(args) -> int:
+    from agent.aio.client import copy
+    from agent.aio.session import Progress
+
+    _setup_logging(args)
+    opts = _transfer_options(args, "cp")
+    identity = _identity(args)
+    _raise_fd_limit()
+    progress = Progress()
+    show_bar = sys.stderr.isatty() and not args.quiet and not args.json and not args.no_progress
+    bar = _ProgressBar(progress) if show_bar else None
+
+    async def main():
+        task = asyncio.get_running_loop().create_task(bar.run()) if bar else None
+        try:
+            return await copy(args.paths[:-1], args.paths[-1], identity=identity, options=opts, progress=progress)
+        finally:
+            if task:
+                task.cancel()
+                bar.draw(final=True)
+
+    result = asyncio.run(main())
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    elif not args.quiet:
+        moved = result.bytes_total - result.bytes_skipped
+        print(f"{result.files_ok}/{result.files} files, {_human(moved)} moved, {_human(result.bytes_skipped)} "
+              f"already there, in {result.seconds:.2f} s = {result.gbps:.3f} Gbit/s "
+              f"({'encrypted' if result.encrypted else 'NOT encrypted'}, "
+              f"{'all verified' if result.verified else 'INCOMPLETE'})")
+    for e in result.errors[:20]:
+        print(f"dxa: {e}", file=sys.stderr)
+    return EXIT_OK if result.verified else EXIT_INCOMPLETE
+
+
+def cmd_bench(args) -> int:
+    from agent.aio.client import bench
+
+    _setup_logging(args)
+    opts = _transfer_options(args, "bench")
+    identity = _identity(args)
+
+    def interval(iv) -> None:
+        if not args.json and not args.quiet:
+            print(f"[SUM] {iv.start:6.2f}-{iv.end:6.2f} sec  {_human(iv.bytes):>10}  {iv.gbps:7.3f} Gbit/s", flush=True)
+
+    if not args.json and not args.quiet:
+        print(f"dxa bench to {args.url}: {opts.streams} streams, chunk {_human(opts.chunk_size)}, "
+              f"{'encrypted (' + opts.cipher + ')' if opts.encrypt else 'NOT encrypted'}, BLAKE3-verified")
+    res = asyncio.run(bench(args.url, identity=identity, seconds=args.seconds, options=opts, on_interval=interval))
+    if args.json:
+        print(json.dumps({"seconds": round(res.seconds, 4), "bytes_sent": res.bytes_sent,
+                          "bytes_verified": res.bytes_verified, "gbps": round(res.gbps, 4), "streams": opts.streams,
+                          "encrypted": opts.encrypt,
+                          "intervals": [{"start": round(i.start, 3), "end": round(i.end, 3), "bytes": i.bytes,
+                                         "gbps": round(i.gbps, 4)} for i in res.intervals]}))
+    elif not args.quiet:
+        print("- " * 30)
+        print(f"[SUM]   0.00-{res.seconds:6.2f} sec  {_human(res.bytes_verified):>10}  {res.gbps:7.3f} Gbit/s  "
+              f"verified by the receiver")
+    return EXIT_OK if res.bytes_verified else EXIT_INCOMPLETE
+
+
+# -- argument parsing --------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", metavar="DIR", help="identity and state directory (default $DXA_HOME or ~/.config/dxa)")
+    common.add_argument("--config", metavar="FILE", help="TOML config file (default $DXA_HOME/config.toml)")
+    common.add_argument("--ca", metavar="PEM", help="trust this CA bundle instead of $DXA_HOME/ca.pem")
+    common.add_argument("--cert", metavar="PEM", help="our certificate instead of $DXA_HOME/node.pem")
+    common.add_argument("--key", metavar="PEM", help="our private key instead of $DXA_HOME/node.key")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+
+    xfer = argparse.ArgumentParser(add_help=False)
+    xfer.add_argument("--streams", "-P", metavar="N", help="parallel TCP data connections (default 4)")
+    xfer.add_argument("--chunk-size", dest="chunk_size", metavar="SIZE",
+                      help="chunk size, e.g. 4M (default); the unit of parallelism, verification and resume")
+    xfer.add_argument("--compress", choices=("auto", "off", "zstd"),
+                      help="auto: zstd where a sample of the chunk shrinks (default); zstd: always; off: never")
+    xfer.add_argument("--cipher", choices=("aes256gcm", "chacha20poly1305"),
+                      help="AEAD for chunks (default aes256gcm; chacha20poly1305 for CPUs without AES-NI)")
+    xfer.add_argument("--no-encrypt", action="store_true",
+                      help="send chunks in the clear (still authenticated and BLAKE3-verified)")
+    xfer.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    xfer.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+
+    p = argparse.ArgumentParser(
+        prog="dxa", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="dxa: chunked, parallel, resumable, end-to-end encrypted and verified bulk data transfer.")
+    p.add_argument("--version", action="version", version=f"dxa {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", parents=[common], help="create a local CA and this node's certificate (if missing)",
+                       description="Create, if missing, a certificate authority (ca.pem, ca.key) and this node's key "
+                                   "and certificate (node.pem, node.key) in $DXA_HOME. Processes sharing a $DXA_HOME "
+                                   "trust each other; a node signed by another CA is refused. Copy ca.pem and a "
+                                   "certificate issued with --issue to another machine to let it in.")
+    s.add_argument("--name", help="this node's name (certificate CN; default: the host name)")
+    s.add_argument("--issue", metavar="NAME", help="instead: sign a certificate for another node NAME")
+    s.add_argument("--out", metavar="DIR", help="with --issue: where to write NAME's node.pem, node.key and ca.pem")
+    s.add_argument("--json", action="store_true", help="print what was created as JSON")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("serve", parents=[common], help="run the receiving daemon",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve transfers on one TCP port (TLS 1.3 control connection, plain-TCP data "
+                                   "connections carrying sealed chunks). Writes only under --root. Logs each "
+                                   "transfer's start and end with bytes and outcome. Stops on SIGTERM/SIGINT.")
+    s.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:7400)")
+    s.add_argument("--root", metavar="DIR", help="directory to serve; nothing is written outside it")
+    s.add_argument("--state-dir", dest="state_dir", metavar="DIR", help="resume journal location (default ROOT/.dxa)")
+    s.add_argument("--port-file", metavar="FILE", help="write the bound port here once listening (useful with :0)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("cp", parents=[common, xfer], help="copy files to or from a dxa daemon",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Copy files and trees (-r) to a daemon (push) or from one (pull):\n"
+                                   "  dxa cp -r ./data dxa://HOST:PORT/datasets/x   ./data becomes datasets/x\n"
+                                   "  dxa cp a b dxa://HOST:PORT/dir/               a and b go into dir/\n"
+                                   "  dxa cp dxa://HOST:PORT/models/m ./m           pull (add -r for a tree)\n\n"
+                                   "Chunks are sealed with AES-256-GCM and verified with BLAKE3 at the receiver; "
+                                   "modes and mtimes are kept. Re-running the same command after a failure or a "
+                                   "kill sends only what is missing. Symlinks are never followed: inside a tree "
+                                   "they are recreated when their target stays inside the tree, else skipped "
+                                   "with a warning.")
+    s.add_argument("paths", nargs="+", metavar="SRC... DST", help="sources, then the destination")
+    s.add_argument("-r", "--recursive", action="store_true", help="copy directories recursively")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    s.set_defaults(func=cmd_cp)
+
+    s = sub.add_parser("bench", parents=[common, xfer], help="memory-to-memory throughput through the data path",
+                       description="Like iperf3, but through dxa's data path: chunks are hashed, sealed, sent on N "
+                                   "streams, opened and verified by the daemon, then discarded.")
+    s.add_argument("url", metavar="dxa://HOST:PORT", help="a running dxa serve")
+    s.add_argument("--seconds", "-t", type=float, default=10.0, help="test duration (default 10)")
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "cp" and len(args.paths) < 2:
+        parser.error("cp needs at least one source and a destination")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dxa: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except ConfigError as exc:
+        print(f"dxa: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AuthenticationError as exc:
+        print(f"dxa: authentication failed: {exc}", file=sys.stderr)
+        return EXIT_AUTH
+    except DiskFullError as exc:
+        print(f"dxa: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    except (BrokenConnectionError, ConnectionError) as exc:
+        print(f"dxa: network failure: {exc}; re-run the same command to resume", file=sys.stderr)
+        return EXIT_NETWORK
+    except PathError as exc:
+        print(f"dxa: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TransferError as exc:
+        print(f"dxa: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except DxaError as exc:
+        print(f"dxa: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Configuration objects: frozen, validated at construction, never read from env or files here.
+
+The CLI (agent/cli) resolves config file < environment < flags into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.errors import ConfigError
+from agent.wire import CIPHERS
+
+__all__ = ["TransferOptions", "ServerConfig", "parse_size", "MIB"]
+
+MIB = 1 << 20
+MAX_CHUNK = 64 * MIB
+MAX_STREAMS = 64
+
+
+def parse_size(text: str | int) -> int:
+    """'4M', '512K', '1G', '1048576' → bytes (binary multiples)."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if t.endswith(suffix):
+            t, mult = t[:-1], m
+            break
+    try:
+        value = float(t) * mult
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (examples: 4M, 512K, 1G)") from None
+    if value <= 0 or value != int(value):
+        raise ConfigError(f"not a positive whole number of bytes: {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How one transfer moves data."""
+
+    streams: int = 4
+    """Parallel TCP data connections."""
+    chunk_size: int = 4 * MIB
+    """Bytes per chunk: the unit of parallelism, verification and resume."""
+    compress: str = "auto"
+    """'auto' (zstd where a sample shrinks), 'zstd' (always) or 'off'."""
+    encrypt: bool = True
+    """Seal every chunk with an AEAD; False only by explicit opt-out (--no-encrypt)."""
+    cipher: str = "aes256gcm"
+    """'aes256gcm' or 'chacha20poly1305' (for CPUs without AES instructions)."""
+    recursive: bool = False
+    """Copy directory trees."""
+    connect_timeout: float = 15.0
+    """Seconds to establish the control connection and TLS handshake."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise ConfigError(f"streams must be between 1 and {MAX_STREAMS}")
+        if not 4096 <= self.chunk_size <= MAX_CHUNK:
+            raise ConfigError(f"chunk size must be between 4K and {MAX_CHUNK // MIB}M")
+        if self.compress not in ("auto", "zstd", "off"):
+            raise ConfigError("compress must be auto, zstd or off")
+        if self.cipher not in CIPHERS or self.cipher == "none":
+            raise ConfigError("cipher must be aes256gcm or chacha20poly1305")
+
+    @property
+    def wire_cipher(self) -> str:
+        return self.cipher if self.encrypt else "none"
+
+    @classmethod
+    def for_test(cls, **kw) -> "TransferOptions":
+        kw.setdefault("streams", 2)
+        kw.setdefault("chunk_size", 64 << 10)
+        kw.setdefault("connect_timeout", 5.0)
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The receiving daemon."""
+
+    root: str
+    """Directory the daemon serves; it writes nowhere else (except its journal)."""
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 7400
+    """TCP port for control and data connections (0: pick a free one)."""
+    state_dir: str = ""
+    """Where the resume journal lives; default ``<root>/.dxa``."""
+    max_streams: int = 16
+    """Upper bound on data connections per session."""
+    max_chunk: int = MAX_CHUNK
+    """Largest chunk accepted from a client."""
+    handshake_timeout: float = 10.0
+    """Seconds a new connection has to complete TLS + HELLO, or JOIN."""
+    max_sessions: int = 64
+    """Concurrent sessions; more are refused with ERROR{busy}."""
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ConfigError("a root directory is required")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port must be 0..65535")
+        if not 1 <= self.max_streams <= MAX_STREAMS:
+            raise ConfigError(f"max_streams must be between 1 and {MAX_STREAMS}")
+
+    @property
+    def journal_path(self) -> str:
+        import os
+
+        return os.path.join(self.state_dir or os.path.join(self.root, ".dxa"), "journal.sqlite")
+
+    @classmethod
+    def for_test(cls, root: str, **kw) -> "ServerConfig":
+        kw.setdefault("port", 0)
+        kw.setdefault("handshake_timeout", 5.0)
+        return cls(root=root, **kw)

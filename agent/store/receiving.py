@@ -1,0 +1,217 @@
+"""Files on disk at the receiving end: plan, write at offset, journal, finalize.
+
+Every path goes through :class:`SafeRoot`; partial data lives in
+``.<name>.dxa-part`` and reaches its final name only by ``rename`` after the whole
+file checked out, so a partly transferred file is never visible under its final name.
+Thread-safe: chunk writes come from several pump threads at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+
+from agent.errors import DiskFullError, PathError, StorageError
+from agent.store.journal import Journal
+from agent.store.safepath import SafeRoot, split_relpath
+from agent.wire import (
+    ACTION_REFUSE,
+    ACTION_RESUME,
+    ACTION_SEND,
+    ACTION_SKIP,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_LINK,
+    ManifestEntry,
+    PlanEntry,
+)
+
+__all__ = ["ReceiverStore", "part_name"]
+
+
+def part_name(name: str) -> str:
+    return f".{name}.dxa-part"
+
+
+def _storage_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(exc.errno, f"no space left on the destination device while {what}")
+    return StorageError(exc.errno, f"{what}: {exc.strerror}")
+
+
+class _Open:
+    __slots__ = ("fd", "parent", "name", "dest", "entry", "dirty")
+
+    def __init__(self, fd: int, parent: int, name: str, dest: str, entry: ManifestEntry) -> None:
+        self.fd, self.parent, self.name, self.dest, self.entry = fd, parent, name, dest, entry
+        self.dirty = False
+
+
+class ReceiverStore:
+    """The receiving side's files for one session, under ``root/base``."""
+
+    def __init__(self, root: SafeRoot, journal: Journal, *, base: str = "", rename_top: str | None = None) -> None:
+        self.root = root
+        self.journal = journal
+        self._base = split_relpath(base) if base else []
+        self._rename_top = rename_top
+        self._lock = threading.Lock()
+        self._open: dict[int, _Open] = {}
+        self._pending: list[tuple[str, int, bytes]] = []
+        self._dirs: list[tuple[ManifestEntry, str]] = []
+
+    def _rel(self, e: ManifestEntry) -> str:
+        rel = e.relpath
+        if self._rename_top is not None:
+            _top, sep, rest = rel.partition("/")
+            rel = self._rename_top + sep + rest
+        split_relpath(rel)
+        return "/".join([*self._base, rel])
+
+    # -- planning ---------------------------------------------------------------
+    def plan(self, entries: list[ManifestEntry]) -> list[PlanEntry]:
+        """Decide send / skip / resume / refuse per entry (does file-system I/O)."""
+        out = []
+        for e in entries:
+            try:
+                out.append(self._plan_one(e))
+            except PathError as exc:
+                out.append(PlanEntry(e.file_id, ACTION_REFUSE, [], str(exc)))
+            except OSError as exc:
+                out.append(PlanEntry(e.file_id, ACTION_REFUSE, [], f"{e.relpath}: {exc.strerror}"))
+        with self._lock:
+            self.journal.commit()
+        return out
+
+    def _plan_one(self, e: ManifestEntry) -> PlanEntry:
+        rel = self._rel(e)
+        parent, name = self.root.parent_and_name(rel)
+        if e.kind == KIND_DIR:
+            self.root.dir_fd(split_relpath(rel), create=True)
+            self._dirs.append((e, rel))
+            return PlanEntry(e.file_id, ACTION_SKIP)
+        if e.kind == KIND_LINK:
+            return self._plan_link(e, rel, parent, name)
+        dest = self.root.resolve(rel)
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise PathError(f"{rel}: exists and is not a regular file; refusing to replace it")
+        with self._lock:
+            rec = self.journal.lookup(dest)
+            if (st is not None and rec is not None and rec.complete
+                    and rec.same_source(e.size, e.mtime_ns, e.chunk_size)
+                    and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns):
+                return PlanEntry(e.file_id, ACTION_SKIP)
+            fd = os.open(part_name(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
+            self._open[e.file_id] = _Open(fd, parent, name, dest, e)
+            if rec is not None and not rec.complete and rec.same_source(e.size, e.mtime_ns, e.chunk_size) and rec.chunks:
+                have = sorted((i, d) for i, d in rec.chunks.items() if i < e.chunks)
+                return PlanEntry(e.file_id, ACTION_RESUME, have)
+            self.journal.start(dest, e.size, e.mtime_ns, e.chunk_size)
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as exc:
+                raise _storage_error(exc, f"truncating {rel}") from None
+        return PlanEntry(e.file_id, ACTION_SEND)
+
+    def _plan_link(self, e: ManifestEntry, rel: str, parent: int, name: str) -> PlanEntry:
+        target = e.link_target
+        if not target or os.path.isabs(target) or "\0" in target:
+            raise PathError(f"{rel}: symlink target {target!r} is absolute; refused")
+        depth = len(split_relpath(e.relpath)) - 1
+        climbs = 0
+        for p in target.split("/"):
+            climbs = climbs - 1 if p == ".." else climbs + (p not in ("", "."))
+            if climbs < -depth:
+                raise PathError(f"{rel}: symlink target {target!r} escapes the tree; refused")
+        try:
+            old = os.readlink(name, dir_fd=parent)
+        except OSError:
+            old = None
+        if old != target:
+            if old is not None:
+                os.unlink(name, dir_fd=parent)
+            os.symlink(target, name, dir_fd=parent)
+        return PlanEntry(e.file_id, ACTION_SKIP)
+
+    # -- data -------------------------------------------------------------------
+    def write_chunk(self, file_id: int, offset: int, data) -> None:
+        f = self._open.get(file_id)
+        if f is None:
+            raise StorageError(errno.EBADF, f"file {file_id} is not open for writing")
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(f.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise _storage_error(exc, f"writing {f.entry.relpath}") from None
+        f.dirty = True
+
+    def record(self, file_id: int, chunk: int, digest: bytes) -> None:
+        f = self._open.get(file_id)
+        if f is not None:
+            with self._lock:
+                self._pending.append((f.dest, chunk, digest))
+
+    def flush(self) -> None:
+        """fdatasync what was written, then commit the journal rows that describe it."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+            dirty = [f for f in self._open.values() if f.dirty]
+            for f in dirty:
+                f.dirty = False
+        for f in dirty:
+            try:
+                os.fdatasync(f.fd)
+            except OSError as exc:
+                raise _storage_error(exc, f"syncing {f.entry.relpath}") from None
+        with self._lock:
+            live = {f.dest for f in self._open.values()}
+            rows = [r for r in rows if r[0] in live]
+            if rows:
+                self.journal.add_chunks(rows)
+            self.journal.commit()
+
+    def finalize(self, entry: ManifestEntry) -> None:
+        """Check size, fsync, set mode and mtime, rename into place, mark complete."""
+        f = self._open.get(entry.file_id)
+        if f is None:
+            raise StorageError(errno.EBADF, f"file {entry.file_id} is not open")
+        try:
+            if os.fstat(f.fd).st_size != entry.size:
+                os.ftruncate(f.fd, entry.size)
+            os.fsync(f.fd)
+            os.fchmod(f.fd, entry.mode & 0o7777)
+            os.utime(f.fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            os.rename(part_name(f.name), f.name, src_dir_fd=f.parent, dst_dir_fd=f.parent)
+        except OSError as exc:
+            raise _storage_error(exc, f"finishing {entry.relpath}") from None
+        with self._lock:
+            self._open.pop(entry.file_id, None)
+            self.journal.complete(f.dest, entry.size, entry.mtime_ns, entry.chunk_size)
+        os.close(f.fd)
+
+    def finish_dirs(self) -> None:
+        """Directory modes and mtimes, deepest first (children change a directory's mtime)."""
+        for e, rel in sorted(self._dirs, key=lambda x: -x[1].count("/")):
+            try:
+                fd = self.root.dir_fd(split_relpath(rel), create=False)
+                os.fchmod(fd, e.mode & 0o7777)
+                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            except (OSError, PathError):
+                pass
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                for f in self._open.values():
+                    os.close(f.fd)
+                self._open.clear()

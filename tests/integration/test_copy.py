@@ -1,0 +1,100 @@
+"""Real transfers on loopback: push and pull, trees, metadata, resume, refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+
+import pytest
+
+from agent.aio.client import copy
+from agent.config import TransferOptions
+from agent.errors import ConfigError, PathError
+from tests.conftest import make_tree, same_tree
+
+OPTS = TransferOptions.for_test(recursive=True)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_push_tree_arrives_identical_with_modes_and_mtimes(tmp_path, server, identity):
+    src = make_tree(tmp_path / "src", files=30, big=700_000)
+    os.symlink("f0002.bin", src / "link-inside")
+    os.symlink("/etc/passwd", src / "link-outside")
+    res = run(copy([str(src)], server.url("datasets/x"), identity=identity, options=OPTS))
+    dst = server.root / "datasets" / "x"
+    assert res.verified and res.files_failed == 0
+    assert res.bytes_total == sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert res.bytes_skipped == 0 and res.encrypted
+    assert os.readlink(dst / "link-inside") == "f0002.bin"
+    assert not os.path.lexists(dst / "link-outside")
+    assert any("outside the tree" in w for w in res.warnings)
+    os.unlink(src / "link-outside")
+    assert same_tree(src, dst)
+    for p in src.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            q = dst / p.relative_to(src)
+            assert stat.S_IMODE(p.stat().st_mode) == stat.S_IMODE(q.stat().st_mode)
+            assert p.stat().st_mtime_ns == q.stat().st_mtime_ns
+    assert not list(dst.rglob("*.dxa-part"))
+
+
+def test_second_run_skips_everything(tmp_path, server, identity):
+    src = make_tree(tmp_path / "src", files=10, big=300_000)
+    run(copy([str(src)], server.url("d"), identity=identity, options=OPTS))
+    res = run(copy([str(src)], server.url("d"), identity=identity, options=OPTS))
+    assert res.verified and res.bytes_sent == 0 and res.bytes_skipped == res.bytes_total > 0
+
+
+def test_pull_file_and_tree(tmp_path, server, identity):
+    make_tree(server.root / "models" / "m", files=12, big=400_000)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run(copy([server.url("models/m")], str(out / "m"), identity=identity, options=OPTS))
+    assert res.verified and res.direction == "pull"
+    assert same_tree(server.root / "models" / "m", out / "m")
+    res = run(copy([server.url("models/m/big.bin")], str(out / "single.bin"), identity=identity,
+                   options=TransferOptions.for_test()))
+    assert res.verified and (out / "single.bin").read_bytes() == (server.root / "models/m/big.bin").read_bytes()
+
+
+@pytest.mark.parametrize("compress,encrypt", [("zstd", True), ("off", False), ("auto", True)])
+def test_modes(tmp_path, server, identity, compress, encrypt):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "text.txt").write_bytes(b"the same line again\n" * 50_000)
+    (src / "rand.bin").write_bytes(os.urandom(300_000))
+    opts = TransferOptions.for_test(recursive=True, compress=compress, encrypt=encrypt)
+    res = run(copy([str(src)], server.url("m"), identity=identity, options=opts))
+    assert res.verified and res.encrypted == encrypt
+    assert same_tree(src, server.root / "m")
+    if compress != "off":
+        assert res.bytes_sent < res.bytes_total  # the text compressed
+    else:
+        assert res.bytes_sent == res.bytes_total
+
+
+def test_paths_escaping_the_root_are_refused(tmp_path, server, identity):
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    with pytest.raises(PathError):
+        run(copy([str(f)], server.url("../escape"), identity=identity, options=OPTS))
+    # a symlink planted inside the destination root pointing outside of it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, server.root / "trap")
+    res = run(copy([str(f)], server.url("trap/f"), identity=identity, options=OPTS))
+    assert not res.verified and any("symlink" in e for e in res.errors)
+    assert not list(outside.iterdir())
+
+
+def test_bad_arguments_are_config_errors(tmp_path, identity):
+    with pytest.raises(ConfigError):
+        run(copy(["a"], "b", identity=identity))
+    with pytest.raises(ConfigError):
+        TransferOptions(streams=0)
+    with pytest.raises(ConfigError):
+        TransferOptions(chunk_size=10)
