@@ -4,19 +4,55 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.errors import BrokenConnectionError, RemoteProtocolError
+from agent.errors import (
+    AuthenticationError,
+    BrokenConnectionError,
+    DiskFullError,
+    DxaError,
+    IntegrityError,
+    PathError,
+    RemoteProtocolError,
+    StorageError,
+)
 from agent.wire import CONTROL_MAX, ErrorMsg, FrameDecoder, Message, decode_message, encode_message
 
-__all__ = ["ControlChannel", "PeerError"]
+__all__ = ["ControlChannel", "PeerError", "peer_error", "error_code"]
 
 
 class PeerError(RemoteProtocolError):
-    """The peer sent ERROR{code, message}."""
+    """The peer sent ERROR{code, message} with a code that maps to no more precise error."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+_CODES: dict[str, type[DxaError]] = {
+    "path": PathError,
+    "auth": AuthenticationError,
+    "disk_full": DiskFullError,
+    "storage": StorageError,
+    "integrity": IntegrityError,
+}
+
+
+def error_code(exc: BaseException) -> str:
+    """The ERROR code we send for one of our exceptions (inverse of :func:`peer_error`)."""
+    for code, cls in _CODES.items():
+        if isinstance(exc, cls) and not (cls is StorageError and isinstance(exc, DiskFullError)):
+            return code
+    return "protocol" if isinstance(exc, RemoteProtocolError) else "error"
+
+
+def peer_error(code: str, message: str) -> DxaError:
+    """A typed exception for the peer's ERROR{code, message}."""
+    cls = _CODES.get(code)
+    if cls is None:
+        return PeerError(code, message)
+    exc = cls(f"peer refused: {message}")
+    exc.code, exc.message = code, message  # type: ignore[attr-defined]
+    return exc
 
 
 class ControlChannel:
@@ -58,7 +94,7 @@ class ControlChannel:
         ftype, body = self._ready.pop(0)
         msg = decode_message(ftype, body)
         if isinstance(msg, ErrorMsg) and not allow_error:
-            raise PeerError(msg.code, msg.message)
+            raise peer_error(msg.code, msg.message)
         return msg
 
     async def close(self) -> None:

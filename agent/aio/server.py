@@ -17,7 +17,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from agent.aio.control import ControlChannel
+from agent.aio.control import ControlChannel, error_code
 from agent.aio.net import recv_exact_async, tune_data_socket, wait_readable
 from agent.aio.pumps import SourceReader
 from agent.aio.session import ReceiverSession, SenderSession
@@ -36,7 +36,6 @@ from agent.wire import (
     PREFIX_LEN,
     SUPPORTED_VERSIONS,
     ErrorMsg,
-    FrameType,
     Hello,
     Join,
     Joined,
@@ -189,7 +188,7 @@ class Server:
             await self._run_session(ctrl, hello, peer, addr)
         except (DxaError, asyncio.TimeoutError, OSError) as exc:
             log.warning("control connection from %s ended: %s", addr[0], exc or exc.__class__.__name__)
-            code = "path" if isinstance(exc, PathError) else "protocol" if isinstance(exc, RemoteProtocolError) else "error"
+            code = error_code(exc)
             try:
                 await asyncio.wait_for(ctrl.send(ErrorMsg(code, str(exc)[:500])), 1)
             except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):

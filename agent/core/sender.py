@@ -16,7 +16,6 @@ from agent.errors import RemoteProtocolError
 from agent.wire import (
     ACTION_REFUSE,
     ACTION_RESUME,
-    ACTION_SEND,
     ACTION_SKIP,
     KIND_FILE,
     Ack,

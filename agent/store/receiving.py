@@ -22,7 +22,6 @@ from agent.wire import (
     ACTION_SEND,
     ACTION_SKIP,
     KIND_DIR,
-    KIND_FILE,
     KIND_LINK,
     ManifestEntry,
     PlanEntry,
