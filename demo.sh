@@ -26,7 +26,7 @@ if not os.path.exists(os.path.join(src, ".complete")):
     open(os.path.join(src, ".complete"), "w").close()
 print(f"dataset ready in {src}")
 PY
-rm -rf "$WORK/root"
+rm -rf "$WORK/root" "$WORK/port"
 dxa serve --listen 127.0.0.1:0 --root "$WORK/root" --port-file "$WORK/port" 2> "$WORK/serve.log" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT

@@ -69,6 +69,7 @@ class _Driver:
         self._epochs: dict[int, int] = {}
         self._done: asyncio.Future = self.loop.create_future()
         self._tasks: set[asyncio.Task] = set()
+        self._plan_tail: asyncio.Task | None = None
         self.log = logger or log
 
     def _post(self, fn, *args) -> None:
@@ -81,10 +82,11 @@ class _Driver:
         if not self._done.done():
             self._done.set_exception(exc)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         t = self.loop.create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._task_done)
+        return t
 
     def _task_done(self, t: asyncio.Task) -> None:
         self._tasks.discard(t)
@@ -323,8 +325,10 @@ class ReceiverSession(_Driver):
         self._after()
 
     def _handle(self, msg) -> None:
+        # MANIFEST batches are planned in a worker thread, one after the other and in
+        # order (the receiver core insists on it); DONE waits for the last plan.
         if isinstance(msg, Manifest):
-            self._spawn(self._plan(msg))
+            self._plan_tail = self._spawn(self._plan(msg, self._plan_tail))
         elif isinstance(msg, FileEnd):
             fin = self.core.receive(msg)
             if fin is not None:
@@ -338,14 +342,14 @@ class ReceiverSession(_Driver):
         self._after()
 
     async def _done_after_plans(self) -> None:
-        # DONE may overtake a MANIFEST still being planned in a worker thread
-        while any(getattr(t, "_dxa_plan", False) for t in self._tasks):
-            await asyncio.sleep(0.01)
+        if self._plan_tail is not None:
+            await asyncio.shield(self._plan_tail)
         self.core.receive(Done())
         self._after()
 
-    async def _plan(self, manifest: Manifest) -> None:
-        asyncio.current_task()._dxa_plan = True  # type: ignore[attr-defined]
+    async def _plan(self, manifest: Manifest, previous: asyncio.Task | None) -> None:
+        if previous is not None:
+            await asyncio.shield(previous)
         entries = manifest.entries
         plan = await self.loop.run_in_executor(None, self.store.plan, entries)
         self.core.receive_manifest(manifest, plan)
@@ -366,7 +370,6 @@ class ReceiverSession(_Driver):
             self.stats.files += 1
         self.progress.bytes_total = self.stats.bytes_total
         self.progress.files_total = self.stats.files
-        asyncio.current_task()._dxa_plan = False  # type: ignore[attr-defined]
         self._after()
 
     async def _finalize(self, entry) -> None:

@@ -162,14 +162,19 @@ class ReceiverStore:
         """fdatasync what was written, then commit the journal rows that describe it."""
         with self._lock:
             rows, self._pending = self._pending, []
-            dirty = [f for f in self._open.values() if f.dirty]
-            for f in dirty:
+            dirty = [(f, os.dup(f.fd)) for f in self._open.values() if f.dirty]
+            for f, _ in dirty:
                 f.dirty = False
-        for f in dirty:
-            try:
-                os.fdatasync(f.fd)
-            except OSError as exc:
-                raise _storage_error(exc, f"syncing {f.entry.relpath}") from None
+        # sync duplicates: finalize() may close the original descriptor meanwhile
+        try:
+            for f, fd in dirty:
+                try:
+                    os.fdatasync(fd)
+                except OSError as exc:
+                    raise _storage_error(exc, f"syncing {f.entry.relpath}") from None
+        finally:
+            for _, fd in dirty:
+                os.close(fd)
         with self._lock:
             live = {f.dest for f in self._open.values()}
             rows = [r for r in rows if r[0] in live]
