@@ -301,8 +301,10 @@ def decode_message(ftype: FrameType, body: bytes) -> Message:
         return Done()
     if ftype == FrameType.SUMMARY:
         errors = _get(d, "errors", list, optional=True, default=[])
+        if not all(isinstance(e, str) for e in errors):  # str() of a deep list: RecursionError
+            raise RemoteProtocolError("summary errors must be strings")
         return Summary(_uint(_get(d, "files_ok", int), "files_ok"), _uint(_get(d, "files_failed", int), "files_failed"),
-                       _uint(_get(d, "bytes_written", int), "bytes_written"), [str(e) for e in errors][:100])
+                       _uint(_get(d, "bytes_written", int), "bytes_written"), errors[:100])
     if ftype == FrameType.JOIN:
         sid, mac = _get(d, "session_id", bytes), _get(d, "mac", bytes)
         if len(sid) != 8 or len(mac) != 16:

@@ -157,6 +157,10 @@ class Opener:
             body = payload_and_tag[:n]
         if hdr.flags & FLAG_COMPRESSED:
             try:
+                # decompress() ignores max_output_size when the zstd frame declares its content
+                # size, and allocates that size: refuse a declared size above plain_len first.
+                if zstandard.frame_content_size(body) > hdr.plain_len:
+                    raise IntegrityError("zstd frame declares more than plain_len bytes")
                 body = _decompressor().decompress(body, max_output_size=hdr.plain_len)
             except zstandard.ZstdError:
                 raise IntegrityError("zstd payload does not decompress") from None
