@@ -1,0 +1,1 @@
+"""dxa benchmarks and the WAN lab they run in (see bench/README.md)."""
