@@ -139,18 +139,28 @@ def parse_data_header(buf):
 
 
 cdef uint64_t _uint(object v, uint64_t maxv, str what) except? 0xFFFFFFFFFFFFFFFF:
-    """An unsigned field the way struct.pack takes it: int or __index__, else struct.error."""
+    """An unsigned field the way struct.pack takes it: int or __index__, else struct.error.
+
+    Out of range is struct.error, except (as in CPython's struct) for a 64-bit
+    field given a non-int with __index__, where the OverflowError goes through.
+    """
     cdef unsigned long long x
-    if not PyLong_Check(v):
+    cdef bint is_int = PyLong_Check(v)
+    if not is_int:
         if not PyIndex_Check(v):
             raise _StructError("required argument is not an integer")
         v = PyNumber_Index(v)
     x = _as_ull(v)
     if x == <unsigned long long>-1 and PyErr_Occurred() != NULL:
-        PyErr_Clear()  # negative or wider than 64 bits
+        # negative or wider than 64 bits
+        PyErr_Clear()
         if maxv == 0xFFFFFFFFFFFFFFFF:
-            raise _StructError("argument out of range")
-        raise _StructError(f"{what} format requires 0 <= number <= {maxv}")
+            if not is_int:
+                if v < 0:
+                    raise OverflowError("can't convert negative int to unsigned")
+                raise OverflowError("int too big to convert")
+            raise _StructError("int too large to convert")
+        raise _StructError("argument out of range")
     if x > maxv:
         raise _StructError(f"{what} format requires 0 <= number <= {maxv}")
     return x
