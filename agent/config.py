@@ -36,6 +36,25 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def parse_rate(text: str | int) -> int:
+    """'200M', '1.5G', '800k', '100000' → bits per second (decimal multiples, like rsync/FDT)."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower().removesuffix("bps").removesuffix("bit/s").removesuffix("b")
+    mult = 1
+    for suffix, m in (("k", 10**3), ("m", 10**6), ("g", 10**9)):
+        if t.endswith(suffix):
+            t, mult = t[:-1], m
+            break
+    try:
+        value = float(t) * mult
+    except ValueError:
+        raise ConfigError(f"not a rate: {text!r} (bits per second, examples: 200M, 1.5G, 800k)") from None
+    if value < 0:
+        raise ConfigError(f"negative rate: {text!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class TransferOptions:
     """How one transfer moves data."""
@@ -54,8 +73,13 @@ class TransferOptions:
     """Copy directory trees."""
     connect_timeout: float = 15.0
     """Seconds to establish the control connection and TLS handshake."""
+    rate: int = 0
+    """Pace the data connections of a push to this many bits per second in total
+    (kernel pacing per socket, SO_MAX_PACING_RATE); 0 = as fast as possible."""
 
     def __post_init__(self) -> None:
+        if self.rate < 0 or (self.rate and self.rate < 8000 * self.streams):
+            raise ConfigError("rate must be 0 (unlimited) or at least 8 kbit/s per stream")
         if not 1 <= self.streams <= MAX_STREAMS:
             raise ConfigError(f"streams must be between 1 and {MAX_STREAMS}")
         if not 4096 <= self.chunk_size <= MAX_CHUNK:

@@ -67,18 +67,21 @@ def server(tmp_path, identity):
 class Daemon:
     """`dxa serve` as a real process (for kill -9 tests)."""
 
-    def __init__(self, home: Path, root: Path, port: int = 0, extra_env: dict | None = None) -> None:
+    def __init__(self, home: Path, root: Path, port: int = 0, extra_env: dict | None = None,
+                 log_dir: Path | None = None) -> None:
         self.home, self.root = home, root
-        self.port_file = root.parent / f"port-{time.monotonic_ns()}"
+        log_dir = log_dir or root.parent
+        self.log_path = log_dir / "daemon.log"
+        self.port_file = log_dir / f"port-{time.monotonic_ns()}"
         env = dict(os.environ, DXA_HOME=str(home), PYTHONPATH=str(REPO), **(extra_env or {}))
-        self.log = open(root.parent / "daemon.log", "ab")
+        self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli.main", "serve", "--listen", f"127.0.0.1:{port}", "--root", str(root),
              "--port-file", str(self.port_file)], env=env, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 20
         while not self.port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start: {(root.parent / 'daemon.log').read_text()}")
+                raise RuntimeError(f"daemon did not start: {self.log_path.read_text()}")
             time.sleep(0.05)
         self.port = int(self.port_file.read_text())
 

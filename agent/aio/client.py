@@ -232,7 +232,8 @@ async def _push(sources: list[str], remote: Remote, identity: Identity, opts: Tr
         core = SenderCore(tree.entries)
         reader = SourceReader(tree.paths, {e.file_id: e for e in tree.entries})
         sender = SenderSession(conn.ctrl, core, reader, Sealer(conn.key, conn.session_id, opts.wire_cipher),
-                               opts.compress, files_total=len(tree.entries), progress=progress, reconnect=conn.join)
+                               opts.compress, files_total=len(tree.entries), progress=progress, reconnect=conn.join,
+                               stream_rate=opts.rate // 8 // opts.streams if opts.rate else 0)
         for i, s in enumerate(socks):
             sender.add_stream(i, s)
         stats = await sender.run()

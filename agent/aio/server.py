@@ -175,7 +175,7 @@ class Server:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, sock=conn, ssl=self._ssl, ssl_handshake_timeout=self.config.handshake_timeout)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
-            log.warning("TLS handshake with %s failed: %s", addr[0], exc)
+            log.warning("TLS handshake with %s failed: %s", addr[0], exc or exc.__class__.__name__)
             conn.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)

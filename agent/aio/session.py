@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from agent.aio.control import ControlChannel
-from agent.aio.pumps import ReceivePump, SendPump, SourceReader
+from agent.aio.pumps import ReceivePump, SendPump, SourceReader, set_pacing
 from agent.core import ChunkRetried, FileCompleted, FileFailed, ReceiverCore, SenderCore
 from agent.errors import BrokenConnectionError, DxaError, IntegrityError, TransferError
 from agent.store.receiving import ReceiverStore
@@ -140,10 +140,11 @@ class _Driver:
 class SenderSession(_Driver):
     def __init__(self, ctrl: ControlChannel, core: SenderCore, reader: SourceReader, sealer: Sealer, compress: str,
                  *, files_total: int, progress: Progress | None = None, reconnect: Reconnect | None = None,
-                 logger=None) -> None:
+                 logger=None, stream_rate: int = 0) -> None:
         super().__init__(ctrl, progress=progress, reconnect=reconnect, logger=logger)
         self.core = core
         self.reader = reader
+        self.stream_rate = stream_rate  # bytes/s per data connection, 0 = unpaced
         self.sealer = sealer
         self.compress = compress
         self.pumps: dict[int, SendPump] = {}
@@ -159,6 +160,8 @@ class SenderSession(_Driver):
         old = self.pumps.pop(stream, None)
         if old is not None:
             self._retire(old, "replaced by a new connection")
+        if self.stream_rate:
+            set_pacing(sock, self.stream_rate)
         pump = SendPump(stream, sock, self.reader, self.sealer, self.compress, self._post, self._on_result)
         self.pumps[stream] = pump
         pump.start()
@@ -280,6 +283,8 @@ class ReceiverSession(_Driver):
 
     def _on_result(self, pump: ReceivePump, kind: str, hdr, arg, wire: int) -> None:
         if self._done.done():
+            if kind == "verified":  # verified and on disk: worth journaling even as we fail
+                self.store.record(hdr.file_id, hdr.chunk, arg)
             return
         self.stats.bytes_wire += wire
         try:
@@ -403,7 +408,12 @@ class ReceiverSession(_Driver):
             if self._timer is not None:
                 self._timer.cancel()
             await self._finish()
-            await self.loop.run_in_executor(None, self.store.close)
+            try:
+                await self.loop.run_in_executor(None, self.store.close)
+            except DxaError as exc:
+                if self._done.done() and not self._done.cancelled() and self._done.exception() is None:
+                    raise  # the transfer itself went well: this failure is the news
+                self.log.warning("closing the store after a failure: %s", exc)
             self.store.finish_dirs()
         c = self.core
         s = self.stats

@@ -82,7 +82,7 @@ def _identity(args):
 
 
 def _transfer_options(args, section: str):
-    from agent.config import TransferOptions, parse_size
+    from agent.config import TransferOptions, parse_rate, parse_size
 
     cfg = _config(args)
     try:
@@ -96,6 +96,7 @@ def _transfer_options(args, section: str):
         encrypt=not args.no_encrypt,
         cipher=_setting(args, cfg, section, "cipher", "aes256gcm"),
         recursive=getattr(args, "recursive", False),
+        rate=parse_rate(_setting(args, cfg, section, "rate", "0")),
     )
 
 
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="AEAD for chunks (default aes256gcm; chacha20poly1305 for CPUs without AES-NI)")
     xfer.add_argument("--no-encrypt", action="store_true",
                       help="send chunks in the clear (still authenticated and BLAKE3-verified)")
+    xfer.add_argument("--rate", metavar="BITS",
+                      help="pace the data connections of a push to this total rate in bits/s, e.g. 200M, 1.5G "
+                           "(kernel pacing per connection; default: unlimited)")
     xfer.add_argument("--json", action="store_true", help="print one JSON object at the end")
     xfer.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
 
