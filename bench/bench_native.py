@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent._native import _chunkmap_py, _frames_py  # noqa: E402
+from agent._native import _chunkmap_py, _frames_py
 
 try:
     from agent._native import _chunkmap as _chunkmap_c
@@ -33,7 +33,7 @@ try:
 except ImportError:  # not built: python columns only
     _chunkmap_c = _frames_c = None
 
-from agent._native import parse_data_header as _facade_parse  # noqa: E402
+from agent._native import parse_data_header as _facade_parse
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -317,8 +317,10 @@ def fmt_time(s: float) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"Python {result['python']} on {result['cpu']} ({result['cores']} cores, shared); "
-        f"best of {result['repeat']}, scale {result['scale']}",
+        (
+            f"Python {result['python']} on {result['cpu']} ({result['cores']} cores, shared); "
+            f"best of {result['repeat']}, scale {result['scale']}"
+        ),
         "",
         "| operation | ops | python ops/s | native ops/s | speedup | python ns/op | native ns/op |",
         "|---|---:|---:|---:|---:|---:|---:|",
