@@ -14,6 +14,8 @@ Input is any C-contiguous buffer (bytes, bytearray, memoryview, ...).  ``bytes``
 the common case on the data path, is read in place; anything else goes through
 the buffer protocol (PyBUF_SIMPLE, as ``struct.unpack_from`` does), which also
 pins a bytearray's size while we read it.  Fields are decoded by hand, big-endian.
+(A ``const unsigned char[:]`` typed memoryview argument was measured at ~50 ns more
+per call than this, and it rejects a memoryview of format 'b', which the twin takes.)
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
