@@ -73,6 +73,8 @@ class TransferOptions:
     """Copy directory trees."""
     connect_timeout: float = 15.0
     """Seconds to establish the control connection and TLS handshake."""
+    fsync: bool = False
+    """When pulling (we are the receiver): fsync like ``dxa serve --fsync``."""
     rate: int = 0
     """Pace the data connections of a push to this many bits per second in total
     (kernel pacing per socket, SO_MAX_PACING_RATE); 0 = as fast as possible."""
@@ -112,6 +114,12 @@ class ServerConfig:
     port: int = 7400
     """TCP port for control and data connections (0: pick a free one)."""
     state_dir: str = ""
+    fsync: bool = False
+    """fsync each file before renaming it into place and fdatasync partial files before
+    the journal records their chunks: survives power loss, costs disk-speed writes.
+    Without it, a killed daemon loses nothing (the page cache outlives the process) and
+    resumed chunks are re-verified from disk, but a power loss may cost recently
+    finished files (the same contract as rsync and GridFTP by default)."""
     """Where the resume journal lives; default ``<root>/.dxa``."""
     max_streams: int = 16
     """Upper bound on data connections per session."""

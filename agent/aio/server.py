@@ -230,7 +230,7 @@ class Server:
             elif hello.mode == "push":
                 root = SafeRoot(cfg.root)
                 journal = Journal(cfg.journal_path)
-                store = ReceiverStore(root, journal, base=hello.path)
+                store = ReceiverStore(root, journal, base=hello.path, fsync=cfg.fsync)
                 sess.driver = ReceiverSession(ctrl, ReceiverCore(max_chunk=cfg.max_chunk), store,
                                               Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             else:

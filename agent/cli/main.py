@@ -97,6 +97,7 @@ def _transfer_options(args, section: str):
         cipher=_setting(args, cfg, section, "cipher", "aes256gcm"),
         recursive=getattr(args, "recursive", False),
         rate=parse_rate(_setting(args, cfg, section, "rate", "0")),
+        fsync=bool(getattr(args, "fsync", False)),
     )
 
 
@@ -194,7 +195,8 @@ def cmd_serve(args) -> int:
     if not host or not port.isdigit():
         raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
     config = ServerConfig(root=root, host=host.strip("[]"), port=int(port),
-                          state_dir=_setting(args, cfg, "serve", "state_dir", "") or "")
+                          state_dir=_setting(args, cfg, "serve", "state_dir", "") or "",
+                          fsync=str(_setting(args, cfg, "serve", "fsync", False)).lower() in ("1", "true", "yes"))
     identity = _identity(args)
     _raise_fd_limit()
     log = logging.getLogger("agent.serve")
@@ -305,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     xfer.add_argument("--rate", metavar="BITS",
                       help="pace the data connections of a push to this total rate in bits/s, e.g. 200M, 1.5G "
                            "(kernel pacing per connection; default: unlimited)")
+    xfer.add_argument("--fsync", action="store_true",
+                      help="when pulling: fsync files before they take their final name (see dxa serve --fsync)")
     xfer.add_argument("--json", action="store_true", help="print one JSON object at the end")
     xfer.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
 
@@ -334,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", metavar="DIR", help="directory to serve; nothing is written outside it")
     s.add_argument("--state-dir", dest="state_dir", metavar="DIR", help="resume journal location (default ROOT/.dxa)")
     s.add_argument("--port-file", metavar="FILE", help="write the bound port here once listening (useful with :0)")
+    s.add_argument("--fsync", action="store_true", default=None,
+                   help="make every finished file and every journaled chunk survive power loss (fsync before "
+                        "rename, fdatasync before journaling); costs disk-speed writes. Without it a killed "
+                        "daemon still loses nothing and resumed chunks are re-verified from disk")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("cp", parents=[common, xfer], help="copy files to or from a dxa daemon",

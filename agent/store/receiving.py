@@ -25,6 +25,7 @@ from agent.wire import (
     KIND_LINK,
     ManifestEntry,
     PlanEntry,
+    chunk_digest,
 )
 
 __all__ = ["ReceiverStore", "part_name"]
@@ -32,6 +33,24 @@ __all__ = ["ReceiverStore", "part_name"]
 
 def part_name(name: str) -> str:
     return f".{name}.dxa-part"
+
+
+def _reverify(fd: int, e: ManifestEntry, claimed: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """Keep only the journal's chunks whose bytes in the partial file still hash right.
+
+    The journal is written after the data reached the page cache, not necessarily the
+    disk (unless fsync is on): after a power loss a claimed chunk may be zeros.  Reading
+    back what we resume from makes that harmless: nothing unverified is ever counted.
+    """
+    buf = bytearray(e.chunk_size)
+    good = []
+    for i, digest in claimed:
+        n = e.chunk_len(i)
+        view = memoryview(buf)[:n]
+        got = os.preadv(fd, [view], i * e.chunk_size)
+        if got == n and chunk_digest(view) == digest:
+            good.append((i, digest))
+    return good
 
 
 def _storage_error(exc: OSError, what: str) -> StorageError:
@@ -51,9 +70,11 @@ class _Open:
 class ReceiverStore:
     """The receiving side's files for one session, under ``root/base``."""
 
-    def __init__(self, root: SafeRoot, journal: Journal, *, base: str = "", rename_top: str | None = None) -> None:
+    def __init__(self, root: SafeRoot, journal: Journal, *, base: str = "", rename_top: str | None = None,
+                 fsync: bool = False) -> None:
         self.root = root
         self.journal = journal
+        self.fsync = fsync  # see docs/ARCHITECTURE.md, "Durability"
         self._base = split_relpath(base) if base else []
         self._rename_top = rename_top
         self._lock = threading.Lock()
@@ -109,8 +130,13 @@ class ReceiverStore:
             fd = os.open(part_name(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
             self._open[e.file_id] = _Open(fd, parent, name, dest, e)
             if rec is not None and not rec.complete and rec.same_source(e.size, e.mtime_ns, e.chunk_size) and rec.chunks:
-                have = sorted((i, d) for i, d in rec.chunks.items() if i < e.chunks)
-                return PlanEntry(e.file_id, ACTION_RESUME, have)
+                claimed = sorted((i, d) for i, d in rec.chunks.items() if i < e.chunks)
+                have = _reverify(fd, e, claimed)
+                if len(have) < len(claimed):
+                    bad = sorted({i for i, _ in claimed} - {i for i, _ in have})
+                    self.journal.drop_chunks(dest, bad)
+                if have:
+                    return PlanEntry(e.file_id, ACTION_RESUME, have)
             self.journal.start(dest, e.size, e.mtime_ns, e.chunk_size)
             try:
                 os.ftruncate(fd, 0)
@@ -162,7 +188,7 @@ class ReceiverStore:
         """fdatasync what was written, then commit the journal rows that describe it."""
         with self._lock:
             rows, self._pending = self._pending, []
-            dirty = [(f, os.dup(f.fd)) for f in self._open.values() if f.dirty]
+            dirty = [(f, os.dup(f.fd)) for f in self._open.values() if f.dirty and self.fsync]
             for f, _ in dirty:
                 f.dirty = False
         # sync duplicates: finalize() may close the original descriptor meanwhile
@@ -190,7 +216,8 @@ class ReceiverStore:
         try:
             if os.fstat(f.fd).st_size != entry.size:
                 os.ftruncate(f.fd, entry.size)
-            os.fsync(f.fd)
+            if self.fsync:
+                os.fsync(f.fd)
             os.fchmod(f.fd, entry.mode & 0o7777)
             os.utime(f.fd, ns=(entry.mtime_ns, entry.mtime_ns))
             os.rename(part_name(f.name), f.name, src_dir_fd=f.parent, dst_dir_fd=f.parent)
