@@ -251,7 +251,8 @@ def test_kill_9_sender_then_rerun_sends_only_what_is_missing(tmp_path, daemon_fa
     r = dxa(home, "cp", *args)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["verified"] and out["bytes_skipped"] >= 16 << 20 and out["bytes_sent"] < SIZE
+    # the zeroed chunk is caught by re-verification and sent again; the rest of the journal holds
+    assert out["verified"] and 8 << 20 <= out["bytes_skipped"] <= SIZE - (1 << 20) and out["bytes_sent"] < SIZE
     assert out["bytes_sent"] + out["bytes_skipped"] == SIZE
     assert same_tree(src, d.root / "k")
 
