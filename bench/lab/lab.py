@@ -159,6 +159,15 @@ def cleanup_stale() -> list[str]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
             removed.append(ns)
+    # Work directories (relay config, logs) of dead lab processes.
+    tmp = Path(tempfile.gettempdir())
+    for d in tmp.glob(f"{NETNS_PREFIX}*-*"):
+        try:
+            owner = int(d.name[len(NETNS_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if d.is_dir() and owner != os.getpid() and not _pid_alive(owner):
+            shutil.rmtree(d, ignore_errors=True)
     return removed
 
 
@@ -205,7 +214,7 @@ class Lab:
         self.ifnames = [f"dxl{self.token}p{p.index}" for p in topology.ports]
         self.namespaces = {h.name: f"{self.prefix}{h.name}" for h in topology.hosts}
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dxalab-"))
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.prefix}"))
         self.relay: Relay | None = None
         self._procs: list[subprocess.Popen[Any]] = []
         self._timers: list[threading.Timer] = []

@@ -21,6 +21,7 @@ import time
 
 HEADER = struct.Struct("!Qd")  # sequence number, sender's monotonic time
 IP_UDP_OVERHEAD = 28
+WINDOW_S = 0.1
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -95,6 +96,7 @@ def sink(args: argparse.Namespace) -> dict:
     count = nbytes = 0
     first = last = None
     max_seq = -1
+    windows: dict[int, int] = {}
     while True:
         now = time.monotonic()
         if now >= end or (last is not None and now - last > args.idle):
@@ -108,15 +110,21 @@ def sink(args: argparse.Namespace) -> dict:
             first = last
         count += 1
         nbytes += len(data) + IP_UDP_OVERHEAD
+        slot = int((last - first) / WINDOW_S)
+        windows[slot] = windows.get(slot, 0) + len(data) + IP_UDP_OVERHEAD
         seq, _ = HEADER.unpack_from(data)
         max_seq = max(max_seq, seq)
     span = (last - first) if first is not None and last is not None else 0.0
+    # Whole windows only (the last one is partial); empty windows count as zero.
+    full = [windows.get(i, 0) * 8 / WINDOW_S for i in range(int(span / WINDOW_S))]
     return {
         "received": count,
         "ip_bytes": nbytes,
         "span_s": span,
         "max_seq": max_seq,
         "rate_bps": (nbytes - nbytes / count) * 8 / span if count > 1 and span > 0 else None,
+        "rate_median_bps": statistics.median(full) if full else None,
+        "windows": len(full),
     }
 
 
