@@ -11,6 +11,7 @@ exist yet gives `available=False` and prints "n/a".
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .lab import Lab, _netns_pids
+from .lab import NETNS_DIR, Lab, _netns_pids
 
 __all__ = ["Dataset", "Measurement", "RunContext", "dxa_features"]
 
@@ -165,25 +166,48 @@ class Sampler:
         self._thread.join(timeout=5)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+
+def netns_rx_bytes(ns: str, ifnames: list[str]) -> int:
+    """Bytes received on `ifnames` inside namespace `ns`, read by moving the calling
+    thread (only it) into the namespace and back.  No subprocess: the sampler must not
+    add CPU time to what it measures."""
+    target = os.open(NETNS_DIR / ns, os.O_RDONLY)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        if _libc.setns(target, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns}")
+        try:
+            with open("/proc/thread-self/net/dev") as fh:
+                text = fh.read()
+        finally:
+            if _libc.setns(home, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back")
+    finally:
+        os.close(target)
+        os.close(home)
+    total = 0
+    for line in text.splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        if name.strip() in ifnames:
+            total += int(rest.split()[0])
+    return total
+
+
 def _wire_counter(ctx: RunContext) -> Callable[[], int]:
+    """Bytes arrived at the receivers (IP packets, headers included); on a loopback-only
+    topology, bytes through the source's `lo`."""
     lab = ctx.lab
-    if not lab.topology.ports:  # loopback: one host, count lo
-
-        def lo() -> int:
-            out = subprocess.run(["ip", "-n", lab.ns(ctx.src), "-s", "-j", "link", "show",
-                                  "lo"], capture_output=True, text=True).stdout
-            return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
-
-        return lo
-
-    links = [p.link for p in lab.topology.ports if p.host in ctx.dsts]
-    pairs = [(h, p.link) for h in ctx.dsts for p in lab.topology.ports if p.host == h]
-
-    def wire() -> int:
-        return sum(lab.rx_bytes(h, link) for h, link in pairs)
-
-    del links
-    return wire
+    if not lab.topology.ports:
+        ns = lab.ns(ctx.src)
+        return lambda: netns_rx_bytes(ns, ["lo"])
+    per_ns: dict[str, list[str]] = {}
+    for p in lab.topology.ports:
+        if p.host in ctx.dsts:
+            per_ns.setdefault(lab.ns(p.host), []).append(lab.ifnames[p.index])
+    return lambda: sum(netns_rx_bytes(ns, ifs) for ns, ifs in per_ns.items())
 
 
 def _wait_port(lab: Lab, host: str, addr: str, port: int, timeout: float = 15.0) -> bool:
@@ -291,12 +315,8 @@ def run_iperf3(ctx: RunContext, streams: int, cc: str, seconds: float, label: st
         m.bytes = int(recv["bytes"])
         m.seconds = float(recv["seconds"])
         m.ok = True
-        m.samples = []
-        acc = 0
-        for iv in j["intervals"]:
-            s = iv["sum"]
-            acc += int(s["bytes"])
-            m.samples.append((round(float(s["end"]), 3), acc))
+        # m.samples stay the receiver interface's counters, as for every other tool
+        # (iperf3's own intervals count what the sender wrote into its socket).
         m.extra = {"retransmits": j["end"]["sum_sent"].get("retransmits"),
                    "cpu": j["end"].get("cpu_utilization_percent")}
         return m
@@ -445,7 +465,7 @@ def run_uftp(ctx: RunContext, rate_bps: float) -> Measurement:
             ifname = lab.ifnames[next(p.index for p in lab.topology.ports if p.host == dst)]
             servers.append(lab.popen(dst, [
                 "uftpd", "-d", "-D", str(ctx.dst_dir(dst)), "-I", ifname, "-p", str(port),
-                "-T", str(ctx.dst_dir(dst)), "-x", "1"],
+                "-x", "1"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)
         src_if = lab.ifnames[next(p.index for p in lab.topology.ports if p.host == ctx.src)]
@@ -481,8 +501,13 @@ def run_uftp(ctx: RunContext, rate_bps: float) -> Measurement:
 
 
 def _uftp_ids(ctx: RunContext) -> list[str]:
-    """uftpd's default client id is its IPv4 address; closed group = the receivers."""
-    return [ctx.addrs[h] for h in ctx.dsts]
+    """uftpd's default client id is its IPv4 address as 0xAABBCCDD; the closed group is
+    exactly the receivers, so uftp waits for every one of them."""
+    ids = []
+    for h in ctx.dsts:
+        a, b, c, d = (int(x) for x in ctx.addrs[h].split("."))
+        ids.append(f"0x{a:02X}{b:02X}{c:02X}{d:02X}")
+    return ids
 
 
 # -- dxa ------------------------------------------------------------------------------
@@ -532,10 +557,12 @@ def dxa_init(home: Path) -> str | None:
     return None if r.returncode == 0 else f"dxa init failed: {_tail(r.stderr or r.stdout)}"
 
 
-def run_dxa(ctx: RunContext, streams: int = 8, extra: tuple[str, ...] = (),
-            label: str = "") -> Measurement:
-    settings = f"dxa cp --streams {streams} {' '.join(extra)}".strip()
-    settings += label or " (AES-256-GCM, BLAKE3-verified)"
+def run_dxa(ctx: RunContext, streams: int = 4, extra: tuple[str, ...] = (),
+            label: str = " (AES-256-GCM, BLAKE3-verified)") -> Measurement:
+    """`dxa serve --port-file` in the receiver, `dxa cp --json` from the source.  The
+    rate is payload bytes over the client's wall time, as for every peer; what dxa says
+    of itself (bytes_total, seconds, gbps) is kept in `extra` next to it."""
+    settings = f"dxa cp --streams {streams} {' '.join(extra)}".strip() + label
     m = Measurement("dxa", settings)
     assert ctx.dxa_home is not None
     lab = ctx.lab
@@ -543,15 +570,21 @@ def run_dxa(ctx: RunContext, streams: int = 8, extra: tuple[str, ...] = (),
     env = dxa_env(ctx.dxa_home)
     _reset_dirs(ctx)
     port = ctx.port_base + 3
-    log = open(ctx.workdir / f"dxa-serve-{dst}.log", "w")
+    port_file = ctx.workdir / f"dxa-port-{dst}"
+    port_file.unlink(missing_ok=True)
+    log_path = ctx.workdir / f"dxa-serve-{dst}.log"
+    log = open(log_path, "w")  # noqa: SIM115 - the daemon writes to it until stopped
     srv = lab.popen(dst, [*dxa_argv(), "serve", "--listen", f"{ctx.addrs[dst]}:{port}",
-                          "--root", str(ctx.dst_dir(dst))],
+                          "--root", str(ctx.dst_dir(dst)), "--port-file", str(port_file)],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
-        if not _wait_port(lab, ctx.src, ctx.addrs[dst], port, timeout=30):
-            m.error = "dxa serve did not start: " + _tail(
-                (ctx.workdir / f"dxa-serve-{dst}.log").read_text())
-            return m
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if srv.poll() is not None or time.monotonic() > deadline:
+                m.error = "dxa serve did not start: " + _tail(log_path.read_text())
+                return m
+            time.sleep(0.05)
+        port = int(port_file.read_text())
         argv = [*dxa_argv(), "cp"]
         if ctx.data.is_tree:
             argv.append("-r")
@@ -566,7 +599,10 @@ def run_dxa(ctx: RunContext, streams: int = 8, extra: tuple[str, ...] = (),
                 except ValueError:
                     pass
             if r.returncode != 0:
-                m.error = f"dxa cp exit {r.returncode}: {_tail(r.stderr or r.stdout)}"
+                why = "; ".join(str(e) for e in m.extra.get("errors", [])) if m.extra else ""
+                m.error = f"dxa cp exit {r.returncode}: {why or _tail(r.stderr or r.stdout)}"
+            elif not m.extra:
+                m.error = "dxa cp printed no JSON summary"
             elif not m.extra.get("verified", False):
                 m.error = "dxa cp reported verified=false"
         _finish_files_dxa(ctx, m)
