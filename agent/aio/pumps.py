@@ -19,6 +19,7 @@ from agent.core import ChunkJob
 from agent.errors import DxaError, IntegrityError, RemoteProtocolError
 from agent.wire import (
     DATA_HEADER_LEN,
+    FRAME_OVERHEAD,
     PREFIX_LEN,
     FrameType,
     Opener,
@@ -80,14 +81,20 @@ class SourceReader:
                     self._fds[file_id] = fd
         return fd
 
-    def read(self, job: ChunkJob) -> bytes:
+    def read(self, job: ChunkJob, buf: bytearray | None = None) -> bytes | memoryview:
+        """The chunk's bytes; into ``buf`` (reused by the caller, no allocation) when given."""
         fd = self._fd(job.file_id)
         e = self._entries[job.file_id]
         st = os.fstat(fd)
         if st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
             raise SourceChanged("source file changed since it was listed")
-        data = os.pread(fd, job.length, job.offset)
-        if len(data) != job.length:
+        if buf is not None:
+            data = memoryview(buf)[: job.length]
+            got = os.preadv(fd, [data], job.offset)
+        else:
+            data = os.pread(fd, job.length, job.offset)
+            got = len(data)
+        if got != job.length:
             raise SourceChanged("source file shrank while being read")
         return data
 
@@ -119,6 +126,10 @@ class SendPump(threading.Thread):
         self._compress = compress
         self._post = post
         self._on_result = on_result
+        # one read buffer and one frame buffer per pump, reused chunk after chunk: no
+        # per-chunk allocation or zero-fill (sendall returns before the next seal)
+        self._rbuf = bytearray()
+        self._fbuf = bytearray()
 
     def run(self) -> None:
         try:
@@ -131,8 +142,11 @@ class SendPump(threading.Thread):
             job = self.jobs.get()
             if job is None:
                 return
+            if len(self._rbuf) < job.length:
+                self._rbuf = bytearray(job.length)
+                self._fbuf = bytearray(job.length + FRAME_OVERHEAD)
             try:
-                data = self._reader.read(job)
+                data = self._reader.read(job, self._rbuf)
             except (SourceChanged, OSError) as exc:
                 self._post(self._on_result, self, "source_failed", job, str(exc), 0)
                 continue
@@ -140,7 +154,8 @@ class SendPump(threading.Thread):
             if job.verify:
                 self._post(self._on_result, self, "verified", job, digest, 0)
                 continue
-            sealed = self._sealer.seal(job.file_id, job.chunk, job.offset, data, digest, self._compress)
+            sealed = self._sealer.seal(job.file_id, job.chunk, job.offset, data, digest, self._compress,
+                                       out=self._fbuf)
             del data
             try:
                 self.sock.sendall(sealed.frame)
@@ -168,6 +183,8 @@ class ReceivePump(threading.Thread):
         self._post = post
         self._on_result = on_result
         self.stopping = False
+        self._rbuf = bytearray()  # frame bodies and plaintexts, reused (see SendPump)
+        self._pbuf = bytearray()
 
     def run(self) -> None:
         try:
@@ -187,7 +204,9 @@ class ReceivePump(threading.Thread):
             if prefix is None:
                 return
             ftype, length = check_prefix(prefix, self._max_frame)
-            body = recv_exactly(sock, length) if length else bytearray()
+            if len(self._rbuf) < length:
+                self._rbuf = bytearray(length)
+            body = memoryview(self._rbuf)[:length] if recv_exactly(sock, length, self._rbuf) is not None else None
             if body is None:
                 raise ConnectionResetError("connection closed in the middle of a frame")
             if ftype != FrameType.DATA:
@@ -196,8 +215,10 @@ class ReceivePump(threading.Thread):
             header = bytes(prefix) + bytes(body[: DATA_HEADER_LEN - PREFIX_LEN])
             hdr = decode_data_header(header)
             self._check(hdr)
+            if len(self._pbuf) < hdr.payload_len:
+                self._pbuf = bytearray(hdr.payload_len)
             try:
-                plain = self._opener.open(hdr, header, memoryview(body)[DATA_HEADER_LEN - PREFIX_LEN :])
+                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :], out=self._pbuf)
             except IntegrityError as exc:
                 self._post(self._on_result, self, "rejected", hdr, str(exc), hdr.payload_len)
                 continue

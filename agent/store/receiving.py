@@ -60,11 +60,14 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
 
 
 class _Open:
-    __slots__ = ("fd", "parent", "name", "dest", "entry", "dirty")
+    __slots__ = ("fd", "parent", "name", "dest", "entry", "dirty", "wlock")
 
     def __init__(self, fd: int, parent: int, name: str, dest: str, entry: ManifestEntry) -> None:
         self.fd, self.parent, self.name, self.dest, self.entry = fd, parent, name, dest, entry
         self.dirty = False
+        # writes to one file serialize on the inode lock anyway; waiting here sleeps instead
+        # of spinning in the kernel (measured: less receiver CPU with 4+ streams)
+        self.wlock = threading.Lock()
 
 
 class ReceiverStore:
@@ -171,9 +174,10 @@ class ReceiverStore:
             raise StorageError(errno.EBADF, f"file {file_id} is not open for writing")
         view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(f.fd, view, offset)
-                view, offset = view[n:], offset + n
+            with f.wlock:
+                while view:
+                    n = os.pwrite(f.fd, view, offset)
+                    view, offset = view[n:], offset + n
         except OSError as exc:
             raise _storage_error(exc, f"writing {f.entry.relpath}") from None
         f.dirty = True

@@ -27,10 +27,11 @@ from agent.wire._codec import (
     encode_data_header,
 )
 
-__all__ = ["CIPHERS", "Sealer", "Opener", "SealedChunk", "chunk_digest", "join_mac", "compressible"]
+__all__ = ["FRAME_OVERHEAD", "CIPHERS", "Sealer", "Opener", "SealedChunk", "chunk_digest", "join_mac", "compressible"]
 
 CIPHERS = ("aes256gcm", "chacha20poly1305", "none")
 _SAMPLE = 32 << 10
+FRAME_OVERHEAD = DATA_HEADER_LEN + TAG_LEN  # a compressed body is used only when smaller than the plaintext
 _local = threading.local()
 
 
@@ -104,8 +105,12 @@ class Sealer:
     def encrypted(self) -> bool:
         return self._aead is not None
 
-    def seal(self, file_id: int, chunk: int, offset: int, plain, digest: bytes, compress: str = "off") -> SealedChunk:
-        """Frame ``plain`` (bytes-like).  ``compress``: 'off', 'zstd' (always) or 'auto' (if a sample shrinks)."""
+    def seal(self, file_id: int, chunk: int, offset: int, plain, digest: bytes, compress: str = "off",
+             out: bytearray | None = None) -> SealedChunk:
+        """Frame ``plain`` (bytes-like).  ``compress``: 'off', 'zstd' (always) or 'auto' (if a sample shrinks).
+
+        With ``out`` (at least ``len(plain) + FRAME_OVERHEAD`` bytes) the frame is built in
+        it and ``SealedChunk.frame`` is a view of it, valid until ``out`` is reused."""
         flags = 0
         body = plain
         if compress == "zstd" or (compress == "auto" and compressible(plain)):
@@ -117,7 +122,8 @@ class Sealer:
         if self._aead is not None:
             flags |= FLAG_ENCRYPTED
         header = encode_data_header(flags, self._sid, file_id, chunk, offset, len(plain), nonce, digest, n)
-        frame = bytearray(DATA_HEADER_LEN + n + TAG_LEN)
+        total = DATA_HEADER_LEN + n + TAG_LEN
+        frame = memoryview(out)[:total] if out is not None and len(out) >= total else bytearray(total)
         frame[:DATA_HEADER_LEN] = header
         if self._aead is not None:
             self._aead.encrypt_into(nonce, body, header, memoryview(frame)[DATA_HEADER_LEN:])
@@ -135,8 +141,11 @@ class Opener:
         self._sid = session_id
         self._aead = _aead(cipher, key)
 
-    def open(self, hdr: DataHeader, header, payload_and_tag) -> bytes | bytearray:
-        """Return the verified plaintext, or raise IntegrityError / RemoteProtocolError."""
+    def open(self, hdr: DataHeader, header, payload_and_tag, out: bytearray | None = None):
+        """Return the verified plaintext, or raise IntegrityError / RemoteProtocolError.
+
+        With ``out`` (at least ``payload_len`` bytes) decryption goes into it and the result
+        may be a view of it (or of ``payload_and_tag`` when unencrypted), valid until reuse."""
         if hdr.session_id != self._sid:
             raise RemoteProtocolError("DATA frame for another session")
         encrypted = bool(hdr.flags & FLAG_ENCRYPTED)
@@ -146,7 +155,7 @@ class Opener:
         if len(payload_and_tag) != n + TAG_LEN:
             raise RemoteProtocolError("DATA payload length mismatch")
         if self._aead is not None:
-            body = bytearray(n)
+            body = memoryview(out)[:n] if out is not None and len(out) >= n else bytearray(n)
             try:
                 self._aead.decrypt_into(hdr.nonce, payload_and_tag, header, body)
             except InvalidTag:
