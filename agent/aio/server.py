@@ -27,6 +27,7 @@ from agent.core import ReceiverCore, SenderCore
 from agent.errors import DxaError, PathError, RemoteProtocolError
 from agent.store.journal import Journal
 from agent.store.pki import Identity
+from agent.wire._seal import CIPHERS
 from agent.store.receiving import ReceiverStore
 from agent.store.safepath import SafeRoot, split_relpath
 from agent.store.tree import scan_sources
@@ -203,6 +204,8 @@ class Server:
             raise RemoteProtocolError(f"no common protocol version (offered {lo}..{hi})")
         if len(hello.session_id) != 8 or len(hello.key) != 32 or hello.session_id in self._sessions:
             raise RemoteProtocolError("bad or duplicate session id or key")
+        if hello.cipher not in CIPHERS:
+            raise RemoteProtocolError(f"unknown cipher {hello.cipher[:40]!r}")
         if hello.mode not in ("push", "pull", "bench"):
             raise RemoteProtocolError(f"unknown mode {hello.mode!r}")
         if not 4096 <= hello.chunk_size <= cfg.max_chunk or hello.streams < 1:

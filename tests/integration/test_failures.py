@@ -4,6 +4,7 @@ kill -9 of either side, a source that changes between runs, a full disk."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -314,3 +315,17 @@ def test_disk_full_is_a_clear_error_and_resume_works_once_space_is_freed(tmp_pat
         if d is not None:
             d.stop()
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_hello_with_an_unknown_cipher_gets_a_protocol_error(server, identity):
+    from agent.aio.tls import client_context
+    from agent.wire import Hello, encode_message
+
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    with client_context(identity).wrap_socket(raw) as s:
+        s.sendall(encode_message(Hello((1, 1), "push", "x", os.urandom(8), os.urandom(32), "rot13", 2, 1 << 20, "off")))
+        data = b""
+        with contextlib.suppress(ssl.SSLError, OSError):
+            while chunk := s.recv(4096):
+                data += chunk
+    assert b"unknown cipher" in data
