@@ -109,6 +109,8 @@ def _scenario_md(r: ScenarioResult) -> list[str]:
     out.append("")
     if r.error:
         out += [f"**Scenario failed:** {_esc(r.error)}", ""]
+    for note in r.notes:
+        out += [note, ""]
     if r.fanout:
         out += _fanout_md(r)
         return out

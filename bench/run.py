@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="data size for every scenario, e.g. 256MiB (per file for "
                              "small-files); default: each scenario's own")
     parser.add_argument("--quick", action="store_true",
-                        help="small data, 3 s iperf3 runs, RTT+rate self-check only")
+                        help="small data, 3 s iperf3 runs (8 s otherwise), RTT+rate self-check only")
     parser.add_argument("--cap", type=float, default=None,
                         help="stop a tool after this many seconds (default 150, quick 60)")
     parser.add_argument("--deadline", type=float, default=None,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         quick=args.quick, size=size,
         cap_s=args.cap or (60.0 if args.quick else 150.0),
-        iperf_s=3.0 if args.quick else 10.0,
+        iperf_s=3.0 if args.quick else 8.0,
         check=not args.no_check, work=args.work,
     )
     deadline = args.deadline or (480.0 if args.quick else 1200.0)

@@ -470,28 +470,46 @@ def run_uftp(ctx: RunContext, rate_bps: float) -> Measurement:
         time.sleep(1.0)
         src_if = lab.ifnames[next(p.index for p in lab.topology.ports if p.host == ctx.src)]
         argv = ["uftp", "-R", str(kbps), "-Y", "none", "-I", src_if, "-p", str(port),
-                "-H", ",".join(_uftp_ids(ctx)), "-x", "1", str(ctx.data.path)]
-        # Per-receiver completion: watch each receiver's file reach full size.
-        lab_, t0 = ctx.lab, time.monotonic()
+                "-H", ",".join(_uftp_ids(ctx)), "-x", "2", str(ctx.data.path)]
+        # Per-receiver completion: watch each receiver's file reach its full size in
+        # allocated blocks (a preallocated or sparse file is not a delivered one).
+        t0 = time.monotonic()
         done: dict[str, float] = {}
         stop = threading.Event()
 
         def watch() -> None:
-            while not stop.wait(0.1):
+            while not stop.wait(0.02):
                 for h in ctx.dsts:
                     if h not in done:
                         f = ctx.dst_dir(h) / ctx.data.path.name
-                        if f.exists() and f.stat().st_size == ctx.data.bytes:
+                        try:
+                            st = f.stat()
+                        except OSError:
+                            continue
+                        if min(st.st_size, st.st_blocks * 512) == ctx.data.bytes:
                             done[h] = time.monotonic() - t0
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         r = _measure_client(ctx, m, argv)
         stop.set()
         watcher.join()
-        del lab_
+        # A receiver that finished between the watcher's last look and uftp's exit
+        # finished no later than that exit.
+        for h in ctx.dsts:
+            f = ctx.dst_dir(h) / ctx.data.path.name
+            if h not in done and f.exists() and tree_bytes(f)[0] == ctx.data.bytes:
+                done[h] = m.seconds or 0.0
         if r is not None and r.returncode != 0:
             m.error = f"uftp failed ({r.returncode}): {_tail(r.stderr)}"
-        m.receivers = [{"host": h, "seconds": done.get(h)} for h in ctx.dsts]
+        # uftp's own view: per receiver, time from the file's start to its COMPLETE.
+        said: dict[str, float] = {}
+        for line in (r.stderr if r is not None else "").splitlines():
+            parts = line.split()
+            if len(parts) >= 6 and parts[0] == "Host:" and "time:" in parts:
+                said[parts[1].upper()] = float(parts[parts.index("time:") + 1])
+        ids = dict(zip(ctx.dsts, _uftp_ids(ctx)))
+        m.receivers = [{"host": h, "seconds": done.get(h), "uftp_says_s": said.get(ids[h].upper())}
+                       for h in ctx.dsts]
         _finish_files(ctx, m)
         return m
     finally:
