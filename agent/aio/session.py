@@ -258,6 +258,8 @@ class ReceiverSession(_Driver):
         super().__init__(ctrl, progress=progress, reconnect=reconnect, logger=logger)
         self.core = core
         self.store = store
+        self._to_finalize: list = []
+        self._finalizing = False
         self.opener = opener
         self.max_frame = max_frame
         self.pumps: dict[int, ReceivePump] = {}
@@ -337,7 +339,7 @@ class ReceiverSession(_Driver):
         elif isinstance(msg, FileEnd):
             fin = self.core.receive(msg)
             if fin is not None:
-                self._spawn(self._finalize(fin.entry))
+                self._queue_finalize(fin.entry)
         elif isinstance(msg, Done):
             self._spawn(self._done_after_plans())
         elif isinstance(msg, ErrorMsg):
@@ -377,15 +379,35 @@ class ReceiverSession(_Driver):
         self.progress.files_total = self.stats.files
         self._after()
 
-    async def _finalize(self, entry) -> None:
-        error = ""
+    def _queue_finalize(self, entry) -> None:
+        # files are finished in batches, one worker-thread hop per batch: with many small
+        # files a hop per file costs more than the rename itself
+        self._to_finalize.append(entry)
+        if not self._finalizing:
+            self._finalizing = True
+            self._spawn(self._finalizer())
+
+    async def _finalizer(self) -> None:
         try:
-            await self.loop.run_in_executor(None, self.store.finalize, entry)
-        except DxaError as exc:
-            error = str(exc)
-            self.log.error("could not finish %s: %s", entry.relpath, exc)
-        self.core.file_finalized(entry.file_id, error)
-        self._after()
+            while self._to_finalize:
+                batch, self._to_finalize = self._to_finalize, []
+                results = await self.loop.run_in_executor(None, self._finalize_batch, batch)
+                for entry, error in results:
+                    self.core.file_finalized(entry.file_id, error)
+                self._after()
+        finally:
+            self._finalizing = False
+
+    def _finalize_batch(self, batch: list) -> list:
+        results = []
+        for entry in batch:
+            try:
+                self.store.finalize(entry)
+                results.append((entry, ""))
+            except DxaError as exc:
+                self.log.error("could not finish %s: %s", entry.relpath, exc)
+                results.append((entry, str(exc)))
+        return results
 
     async def _flusher(self) -> None:
         while True:

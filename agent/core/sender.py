@@ -36,12 +36,13 @@ MAX_CHUNK_ATTEMPTS = 8
 
 
 class _File:
-    __slots__ = ("entry", "acked", "digests", "state", "attempts", "sent_bytes", "skipped_bytes")
+    __slots__ = ("entry", "acked", "digests", "known", "state", "attempts", "sent_bytes", "skipped_bytes")
 
     def __init__(self, entry: ManifestEntry) -> None:
         self.entry = entry
         self.acked = ChunkMap(entry.chunks)
         self.digests: list[bytes | None] = [None] * entry.chunks
+        self.known = 0  # digests not None
         self.state = "listed"  # listed → planned → ended → done | failed
         self.attempts: dict[int, int] = {}
         self.sent_bytes = 0
@@ -161,7 +162,7 @@ class SenderCore:
         if f.state != "planned":
             return
         if digest == job.claimed:
-            f.digests[job.chunk] = digest
+            self._set_digest(f, job.chunk, digest)
             if f.acked.add(job.chunk):
                 f.skipped_bytes += job.length
                 self.bytes_skipped += job.length
@@ -173,9 +174,18 @@ class SenderCore:
         """A send job put its frame on the wire; ``digest`` is what it sealed."""
         f = self._files[job.file_id]
         prev = f.digests[job.chunk]
-        f.digests[job.chunk] = digest
+        self._set_digest(f, job.chunk, digest)
         if prev is not None and prev != digest:
             self._fail(f, "source file changed during the transfer")
+        elif f.state == "planned":
+            # the ACK may be handled before this report from the pump thread
+            self._maybe_end(f)
+
+    @staticmethod
+    def _set_digest(f: "_File", chunk: int, digest: bytes) -> None:
+        if f.digests[chunk] is None:
+            f.known += 1
+        f.digests[chunk] = digest
 
     def job_failed(self, job: ChunkJob, stream: int, reason: str) -> None:
         """A job could not run (stream broke before the frame left); it goes back in the queue."""
@@ -260,9 +270,9 @@ class SenderCore:
 
     # -- transitions ------------------------------------------------------------
     def _maybe_end(self, f: _File) -> None:
-        if f.state == "planned" and f.acked.complete():
+        if f.state == "planned" and f.acked.complete() and f.known == f.entry.chunks:
             f.state = "ended"
-            self._out.append(FileEnd(f.entry.file_id, b"".join(d or b"" for d in f.digests)))
+            self._out.append(FileEnd(f.entry.file_id, b"".join(f.digests)))  # type: ignore[arg-type]
 
     def _complete(self, f: _File, *, skipped: bool) -> None:
         f.state = "done"

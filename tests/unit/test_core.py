@@ -266,3 +266,18 @@ def test_empty_manifest_finishes():
     h = Harness({})
     h.run()
     assert h.sender.finished and h.sender.files_ok == 0
+
+
+def test_ack_overtaking_the_pump_report_does_not_end_the_file_early():
+    # the pump thread reports "sent" through the event loop; the receiver's ACK can be
+    # handled first. FILE_END must wait until every digest is known.
+    h = Harness({"f": bytes(2 * CS)})
+    h.to_receiver(h.sender.control_to_send())
+    h.to_sender(h.receiver.control_to_send())
+    j0, j1 = h.sender.next_job(0), h.sender.next_job(1)
+    h.sender.sent(j0, chunk_digest(bytes(CS)))
+    h.sender.receive(Ack([(0, 0), (0, 1)]))  # chunk 1 ACKed before its "sent" report
+    assert not [m for m in h.sender.control_to_send() if isinstance(m, FileEnd)]
+    h.sender.sent(j1, chunk_digest(bytes(CS)))
+    ends = [m for m in h.sender.control_to_send() if isinstance(m, FileEnd)]
+    assert len(ends) == 1 and ends[0].digests == chunk_digest(bytes(CS)) * 2
