@@ -75,12 +75,28 @@ def wait_port(port: int, timeout: float = 15) -> bool:
     return False
 
 
-def proc_cpu(pid: int) -> float:
+def _stat(pid: int) -> list[str] | None:
     try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return 0.0
+        return None
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds of a process and all its descendants, alive or reaped (a forking
+    server such as globus-gridftp-server does its work in children)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (f := _stat(int(d))):
+            children[int(f[1])].append(int(d))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        f = _stat(p)
+        if f:
+            total += int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if p == pid else 0)
+        todo += children.get(p, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def proc_hwm(pid: int) -> int:
