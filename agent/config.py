@@ -17,20 +17,25 @@ MAX_CHUNK = 64 * MIB
 MAX_STREAMS = 64
 
 
+def _quantity(original: str, t: str, units: tuple[tuple[str, int], ...], what: str, examples: str) -> float:
+    t = t.strip()
+    mult = 1
+    for suffix, m in units:
+        if t.endswith(suffix):
+            t, mult = t[: -len(suffix)], m
+            break
+    try:
+        return float(t) * mult
+    except ValueError:
+        raise ConfigError(f"not a {what}: {original!r} (examples: {examples})") from None
+
+
 def parse_size(text: str | int) -> int:
     """'4M', '512K', '1G', '1048576' → bytes (binary multiples)."""
     if isinstance(text, int):
         return text
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = 1
-    for suffix, m in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
-    try:
-        value = float(t) * mult
-    except ValueError:
-        raise ConfigError(f"not a size: {text!r} (examples: 4M, 512K, 1G)") from None
+    value = _quantity(text, text.strip().upper().removesuffix("B").removesuffix("I"),
+                      (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)), "size", "4M, 512K, 1G")
     if value <= 0 or value != int(value):
         raise ConfigError(f"not a positive whole number of bytes: {text!r}")
     return int(value)
@@ -40,16 +45,8 @@ def parse_rate(text: str | int) -> int:
     """'200M', '1.5G', '800k', '100000' → bits per second (decimal multiples, like rsync/FDT)."""
     if isinstance(text, int):
         return text
-    t = text.strip().lower().removesuffix("bps").removesuffix("bit/s").removesuffix("b")
-    mult = 1
-    for suffix, m in (("k", 10**3), ("m", 10**6), ("g", 10**9)):
-        if t.endswith(suffix):
-            t, mult = t[:-1], m
-            break
-    try:
-        value = float(t) * mult
-    except ValueError:
-        raise ConfigError(f"not a rate: {text!r} (bits per second, examples: 200M, 1.5G, 800k)") from None
+    value = _quantity(text, text.strip().lower().removesuffix("bps").removesuffix("bit/s").removesuffix("b"),
+                      (("k", 10**3), ("m", 10**6), ("g", 10**9)), "rate", "200M, 1.5G, 800k bits per second")
     if value < 0:
         raise ConfigError(f"negative rate: {text!r}")
     return int(value)

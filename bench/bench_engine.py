@@ -281,16 +281,7 @@ def bench_gridftp(srv: Servers, src: Path, dst: Path, label: str, tree: bool) ->
     try:
         s = f"file://{src}/" if tree else f"file://{src}"
         d = f"ftp://127.0.0.1:{port}{dst}/" + ("" if tree else src.name)
-        cpu0 = proc_cpu(p.pid)
-        with ChildCPU() as c:
-            secs, r = run_client(["globus-url-copy", *opts, s, d])
-        run.cpu_s = c.cpu + proc_cpu(p.pid) - cpu0
-        if r.returncode != 0:
-            run.error = (r.stderr or r.stdout).strip()[-300:]
-            return run
-        run.seconds = secs
-        run.bytes, run.files = tree_size(dst)
-        return run
+        return measure_peer(run, p.pid, ["globus-url-copy", *opts, s, d], dst)
     finally:
         srv.stop(p)
 
@@ -304,18 +295,23 @@ def bench_rsync(srv: Servers, src: Path, dst: Path) -> Run:
         return run
     p, port = g
     try:
-        cpu0 = proc_cpu(p.pid)
-        with ChildCPU() as c:
-            secs, r = run_client(["rsync", "-a", "--whole-file", f"{src}/", f"rsync://127.0.0.1:{port}/b/"])
-        run.cpu_s = c.cpu + proc_cpu(p.pid) - cpu0
-        if r.returncode != 0:
-            run.error = r.stderr.strip()[-300:]
-            return run
-        run.seconds = secs
-        run.bytes, run.files = tree_size(dst)
-        return run
+        return measure_peer(run, p.pid, ["rsync", "-a", "--whole-file", f"{src}/", f"rsync://127.0.0.1:{port}/b/"], dst)
     finally:
         srv.stop(p)
+
+
+def measure_peer(run: Run, server_pid: int, argv: list[str], dst: Path) -> Run:
+    """Run a peer's client against its server; time, CPU of both, what arrived in ``dst``."""
+    cpu0 = proc_cpu(server_pid)
+    with ChildCPU() as c:
+        secs, r = run_client(argv)
+    run.cpu_s = c.cpu + proc_cpu(server_pid) - cpu0
+    if r.returncode != 0:
+        run.error = (r.stderr or r.stdout).strip()[-300:]
+        return run
+    run.seconds = secs
+    run.bytes, run.files = tree_size(dst)
+    return run
 
 
 def bench_cp(src: Path, dst: Path) -> Run:
