@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "kill sends only what is missing. Symlinks are never followed: inside a tree "
                                    "they are recreated when their target stays inside the tree, else skipped "
                                    "with a warning.")
-    s.add_argument("paths", nargs="+", metavar="SRC... DST", help="sources, then the destination")
+    s.add_argument("paths", nargs="+", metavar="PATH",
+                   help="one or more sources, then the destination; exactly one side is a dxa://HOST:PORT/path URL")
     s.add_argument("-r", "--recursive", action="store_true", help="copy directories recursively")
     s.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     s.set_defaults(func=cmd_cp)
