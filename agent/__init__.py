@@ -31,11 +31,14 @@ def _identity(identity, home):
     return load_identity(os.path.expanduser(home or os.environ.get("DXA_HOME") or "~/.config/dxa"))
 
 
-async def copy(sources, dest: str, *, identity=None, home: str | None = None, options=None, progress=None, **opts):
+async def copy(sources, dest: str, *, identity=None, home: str | None = None, options=None, progress=None,
+               pacer=None, **opts):
     """Copy ``sources`` to ``dest`` (one side ``dxa://HOST:PORT/path``); return a CopyResult.
 
     Keyword options (``streams``, ``chunk_size``, ``compress``, ``encrypt``, ``cipher``,
-    ``recursive``) build a TransferOptions when ``options`` is not given.  Raises
+    ``recursive``, ``rate`` in bits/s) build a TransferOptions when ``options`` is not given.
+    ``pacer=agent.aio.pacing.SharedPacer(rate)`` paces a push at a rate the caller may
+    change mid-flight with ``pacer.set_rate(bits_per_second)``, from any thread.  Raises
     ConfigError, PathError, AuthenticationError, BrokenConnectionError, DiskFullError...
     A transfer that ends with files missing returns ``verified=False`` (not an exception).
     """
@@ -45,7 +48,7 @@ async def copy(sources, dest: str, *, identity=None, home: str | None = None, op
     if isinstance(sources, str):
         sources = [sources]
     return await _copy(list(sources), dest, identity=_identity(identity, home),
-                       options=options or TransferOptions(**opts), progress=progress)
+                       options=options or TransferOptions(**opts), progress=progress, pacer=pacer)
 
 
 def copy_sync(sources, dest: str, **kw):

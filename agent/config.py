@@ -5,6 +5,7 @@ The CLI (agent/cli) resolves config file < environment < flags into these.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from agent.errors import ConfigError
@@ -47,6 +48,8 @@ def parse_rate(text: str | int) -> int:
         return text
     value = _quantity(text, text.strip().lower().removesuffix("bps").removesuffix("bit/s").removesuffix("b"),
                       (("k", 10**3), ("m", 10**6), ("g", 10**9)), "rate", "200M, 1.5G, 800k bits per second")
+    if not math.isfinite(value):
+        raise ConfigError(f"not a finite rate: {text!r}")
     if value < 0:
         raise ConfigError(f"negative rate: {text!r}")
     return int(value)
@@ -73,8 +76,9 @@ class TransferOptions:
     fsync: bool = False
     """When pulling (we are the receiver): fsync like ``dxa serve --fsync``."""
     rate: int = 0
-    """Pace the data connections of a push to this many bits per second in total
-    (kernel pacing per socket, SO_MAX_PACING_RATE); 0 = as fast as possible."""
+    """Pace the transfer to this many bits per second of wire payload in total, push or
+    pull (an aggregate token bucket across the data connections plus SO_MAX_PACING_RATE
+    per socket, see agent/aio/pacing.py); 0 = as fast as possible."""
 
     def __post_init__(self) -> None:
         if self.rate < 0 or (self.rate and self.rate < 8000 * self.streams):

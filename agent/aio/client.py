@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from agent.aio.bench import BenchResult, BenchSender
 from agent.aio.control import ControlChannel
+from agent.aio.pacing import SharedPacer
 from agent.aio.net import tune_data_socket
 from agent.aio.pumps import SourceReader, recv_exactly
 from agent.aio.session import Progress, ReceiverSession, SenderSession, SessionStats
@@ -138,7 +139,7 @@ class _Connection:
         self.ctrl = ControlChannel(reader, writer)
         await self.ctrl.send(Hello(SUPPORTED_VERSIONS, mode, path, self.session_id, self.key, o.wire_cipher,
                                    o.streams, o.chunk_size, o.compress, o.recursive, socket.gethostname(),
-                                   bench_seconds))
+                                   bench_seconds, o.rate if mode == "pull" else 0))
         try:
             msg = await asyncio.wait_for(self.ctrl.recv(), o.connect_timeout)
         except BrokenConnectionError:
@@ -179,14 +180,22 @@ class _Connection:
 
 
 async def copy(sources: list[str], dest: str, *, identity: Identity, options: TransferOptions | None = None,
-               progress: Progress | None = None, journal_path: str | None = None) -> CopyResult:
-    """Copy local sources to ``dxa://`` (push) or one ``dxa://`` source to a local path (pull)."""
+               progress: Progress | None = None, journal_path: str | None = None,
+               pacer: SharedPacer | None = None) -> CopyResult:
+    """Copy local sources to ``dxa://`` (push) or one ``dxa://`` source to a local path (pull).
+
+    ``options.rate`` paces either direction (a pull through HELLO: the server paces).
+    ``pacer``: a push paced by this SharedPacer, whose ``set_rate`` the caller may call
+    at any time, from any thread, to change the rate mid-flight (it starts at
+    ``options.rate`` if that is set, else at the pacer's own rate)."""
     opts = options or TransferOptions()
     if not sources:
         raise ConfigError("nothing to copy")
     remote_src = [s for s in sources if is_remote(s)]
     if is_remote(dest) and not remote_src:
-        return await _push(sources, parse_remote(dest), identity, opts, progress)
+        return await _push(sources, parse_remote(dest), identity, opts, progress, pacer)
+    if pacer is not None:
+        raise ConfigError("a pacer paces pushes only; a pull is paced by the server at options.rate")
     if not is_remote(dest) and len(remote_src) == len(sources) == 1:
         return await _pull(parse_remote(sources[0]), dest, identity, opts, progress, journal_path)
     raise ConfigError("exactly one side must be remote: dxa cp LOCAL... dxa://HOST:PORT/DIR, "
@@ -213,7 +222,7 @@ async def _open_streams(conn: _Connection, n: int) -> list[socket.socket]:
 
 
 async def _push(sources: list[str], remote: Remote, identity: Identity, opts: TransferOptions,
-                progress: Progress | None) -> CopyResult:
+                progress: Progress | None, pacer: SharedPacer | None = None) -> CopyResult:
     t0 = time.monotonic()
     if len(sources) == 1 and not remote.trailing_slash and remote.path:
         base, _, name = remote.path.rpartition("/")
@@ -233,7 +242,7 @@ async def _push(sources: list[str], remote: Remote, identity: Identity, opts: Tr
         reader = SourceReader(tree.paths, {e.file_id: e for e in tree.entries})
         sender = SenderSession(conn.ctrl, core, reader, Sealer(conn.key, conn.session_id, opts.wire_cipher),
                                opts.compress, files_total=len(tree.entries), progress=progress, reconnect=conn.join,
-                               stream_rate=opts.rate // 8 // opts.streams if opts.rate else 0)
+                               rate=opts.rate, pacer=pacer)
         for i, s in enumerate(socks):
             sender.add_stream(i, s)
         stats = await sender.run()

@@ -36,7 +36,7 @@ SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
 
 def set_pacing(sock: socket.socket, bytes_per_second: int) -> None:
-    """Ask the kernel to pace this socket (works without the fq qdisc on modern kernels)."""
+    """Ask the kernel to pace this socket (works without the fq qdisc on modern kernels); -1: unpaced."""
     sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, bytes_per_second)
 
 
@@ -115,7 +115,7 @@ class SendPump(threading.Thread):
     """Takes jobs from its queue: verify (re-hash) or read + hash + seal + send."""
 
     def __init__(self, stream: int, sock: socket.socket, reader, sealer: Sealer, compress: str,
-                 post: Callable, on_result: Callable) -> None:
+                 post: Callable, on_result: Callable, pacer=None) -> None:
         super().__init__(name=f"dxa-send-{stream}", daemon=True)
         self.stream = stream
         self.sock = sock
@@ -126,6 +126,8 @@ class SendPump(threading.Thread):
         self._compress = compress
         self._post = post
         self._on_result = on_result
+        # the transfer's SharedPacer (agent/aio/pacing.py), shared by all its pumps, or None
+        self._pacer = pacer
         # one read buffer and one frame buffer per pump, reused chunk after chunk: no
         # per-chunk allocation or zero-fill (sendall returns before the next seal)
         self._rbuf = bytearray()
@@ -158,7 +160,10 @@ class SendPump(threading.Thread):
                                        out=self._fbuf)
             del data
             try:
-                self.sock.sendall(sealed.frame)
+                if self._pacer is not None:
+                    self._pacer.sendall(self.sock, sealed.frame)  # in slices, each paid for first
+                else:
+                    self.sock.sendall(sealed.frame)
             except OSError as exc:
                 self._post(self._on_result, self, "broken", job, str(exc), 0)
                 return

@@ -229,7 +229,8 @@ class Server:
                 core = SenderCore(tree.entries)
                 reader = SourceReader(tree.paths, {e.file_id: e for e in tree.entries})
                 sess.driver = SenderSession(ctrl, core, reader, Sealer(hello.key, hello.session_id, hello.cipher),
-                                            hello.compress, files_total=len(tree.entries), logger=tlog)
+                                            hello.compress, files_total=len(tree.entries), logger=tlog,
+                                            rate=hello.rate)
             elif hello.mode == "push":
                 root = SafeRoot(cfg.root)
                 journal = Journal(cfg.journal_path)
@@ -241,8 +242,9 @@ class Server:
 
                 sess.driver = BenchReceiver(ctrl, Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             self._sessions[hello.session_id] = sess
-            tlog.info("%s %s from %s (%s): path=%r streams=%d chunk=%d cipher=%s", hello.mode, "start", peer,
-                      addr[0], hello.path, streams, hello.chunk_size, hello.cipher)
+            tlog.info("%s %s from %s (%s): path=%r streams=%d chunk=%d cipher=%s%s", hello.mode, "start", peer,
+                      addr[0], hello.path, streams, hello.chunk_size, hello.cipher,
+                      f" rate={hello.rate}" if hello.rate and hello.mode == "pull" else "")
             await ctrl.send(Welcome(1, streams, max_frame, self.identity.name))
             stats = await sess.driver.run()
             secs = time.monotonic() - sess.started

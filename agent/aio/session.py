@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from agent.aio.control import ControlChannel
-from agent.aio.pumps import ReceivePump, SendPump, SourceReader, set_pacing
+from agent.aio.pacing import SharedPacer
+from agent.aio.pumps import ReceivePump, SendPump, SourceReader
 from agent.core import ChunkRetried, FileCompleted, FileFailed, ReceiverCore, SenderCore
 from agent.errors import BrokenConnectionError, DxaError, IntegrityError, TransferError
 from agent.store.receiving import ReceiverStore
@@ -140,11 +141,16 @@ class _Driver:
 class SenderSession(_Driver):
     def __init__(self, ctrl: ControlChannel, core: SenderCore, reader: SourceReader, sealer: Sealer, compress: str,
                  *, files_total: int, progress: Progress | None = None, reconnect: Reconnect | None = None,
-                 logger=None, stream_rate: int = 0) -> None:
+                 logger=None, rate: float = 0, pacer: SharedPacer | None = None) -> None:
         super().__init__(ctrl, progress=progress, reconnect=reconnect, logger=logger)
         self.core = core
         self.reader = reader
-        self.stream_rate = stream_rate  # bytes/s per data connection, 0 = unpaced
+        # all data connections together: an aggregate token bucket (rate in bits/s, 0 =
+        # unlimited) plus kernel pacing per socket; ``pacer`` may come from the caller
+        # (a controller or library user who changes the rate mid-flight)
+        self.pacer = pacer if pacer is not None else SharedPacer(rate)
+        if pacer is not None and rate:
+            pacer.set_rate(rate)
         self.sealer = sealer
         self.compress = compress
         self.pumps: dict[int, SendPump] = {}
@@ -160,15 +166,27 @@ class SenderSession(_Driver):
         old = self.pumps.pop(stream, None)
         if old is not None:
             self._retire(old, "replaced by a new connection")
-        if self.stream_rate:
-            set_pacing(sock, self.stream_rate)
-        pump = SendPump(stream, sock, self.reader, self.sealer, self.compress, self._post, self._on_result)
+        self.pacer.attach(sock)
+        pump = SendPump(stream, sock, self.reader, self.sealer, self.compress, self._post, self._on_result,
+                        pacer=self.pacer)
         self.pumps[stream] = pump
         pump.start()
         self._pump()
 
+    def set_rate(self, rate_bps: float) -> None:
+        """Pace this transfer to ``rate_bps`` bits/s in total from now on (0 = unlimited).
+
+        Callable from the event loop or any thread; pumps waiting for credit are re-timed
+        at once.  Raises ConfigError for a negative or non-finite rate."""
+        self.pacer.set_rate(rate_bps)
+
+    @property
+    def rate(self) -> float:
+        return self.pacer.rate_bps
+
     def _retire(self, pump: SendPump, reason: str) -> None:
         pump.stop()
+        self.pacer.detach(pump.sock)
         self.core.stream_lost(pump.stream)
         while True:
             try:
@@ -241,6 +259,7 @@ class SenderSession(_Driver):
         finally:
             for pump in self.pumps.values():
                 pump.stop()
+            self.pacer.close()
             await self._finish()
             self.reader.close()
         c = self.core

@@ -305,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     xfer.add_argument("--no-encrypt", action="store_true",
                       help="send chunks in the clear (still authenticated and BLAKE3-verified)")
     xfer.add_argument("--rate", metavar="BITS",
-                      help="pace the data connections of a push to this total rate in bits/s, e.g. 200M, 1.5G "
-                           "(kernel pacing per connection; default: unlimited)")
+                      help="pace the copy (push or pull) to this total rate in bits/s, e.g. 200M, 1.5G: one "
+                           "token bucket across the connections plus kernel pacing per connection "
+                           "(default: unlimited)")
     xfer.add_argument("--fsync", action="store_true",
                       help="when pulling: fsync files before they take their final name (see dxa serve --fsync)")
     xfer.add_argument("--json", action="store_true", help="print one JSON object at the end")

@@ -55,6 +55,7 @@ class Hello:
     recursive: bool = False
     client: str = ""
     bench_seconds: float = 0.0
+    rate: int = 0  # bits/s the server paces a pull at; 0 = unlimited (absent from older clients)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,7 @@ def encode_message(msg: Message) -> bytes:
             "session_id": msg.session_id, "key": msg.key, "cipher": msg.cipher,
             "streams": msg.streams, "chunk_size": msg.chunk_size, "compress": msg.compress,
             "recursive": msg.recursive, "client": msg.client, "bench_seconds": msg.bench_seconds,
+            "rate": msg.rate,
         })
     if t is Welcome:
         return encode_control(FrameType.WELCOME, {"version": msg.version, "streams": msg.streams,
@@ -274,6 +276,7 @@ def decode_message(ftype: FrameType, body: bytes) -> Message:
             _get(d, "compress", str), _get(d, "recursive", bool, optional=True, default=False),
             _get(d, "client", str, optional=True, default=""),
             float(_get(d, "bench_seconds", (int, float), optional=True, default=0.0)),
+            _uint(_get(d, "rate", int, optional=True, default=0), "rate"),
         )
     if ftype == FrameType.WELCOME:
         return Welcome(_uint(_get(d, "version", int), "version", 8), _uint(_get(d, "streams", int), "streams", 16),

@@ -261,6 +261,8 @@ MESSAGES = [
     Hello((1, 1), "push", "dest/dir", SID, KEY, "aes256gcm", 8, 1 << 20, "auto"),
     Hello((1, 3), "pull", "", SID, KEY, "none", 1, 1, "off", True, "node-a", 2.5),
     Hello((0, 255), "bench", "x", b"", b"", "chacha20poly1305", 65535, (1 << 32) - 1, "zstd", False, "", 0.0),
+    Hello((1, 1), "pull", "m", SID, KEY, "aes256gcm", 4, 1 << 22, "auto", True, "c", 0.0, 200_000_000),
+    Hello((1, 1), "pull", "m", SID, KEY, "aes256gcm", 4, 1 << 22, "auto", True, "c", 0.0, (1 << 64) - 1),
     Welcome(1, 4, (1 << 20) + 1024, "node-b"),
     Welcome(255, 65535, (1 << 32) - 1),
     ErrorMsg("version", "no common protocol version"),
@@ -321,6 +323,12 @@ def test_control_message_round_trip(msg):
 def test_plan_non_refuse_reason_is_not_sent():
     out = decode_message(FrameType.PLAN, encode_message(Plan([PlanEntry(1, ACTION_SEND, [], "ignored")]))[8:])
     assert out == Plan([PlanEntry(1, ACTION_SEND)])
+
+
+def test_hello_without_rate_from_an_older_client_is_unpaced():
+    body = msgpack.packb(_hello_fields(), use_bin_type=True)
+    assert "rate" not in _hello_fields()
+    assert decode_message(FrameType.HELLO, body).rate == 0
 
 
 def test_hello_bench_seconds_int_becomes_float():
@@ -431,6 +439,7 @@ def test_hello_bad_versions(bad):
 @pytest.mark.parametrize("key,bad", [
     ("streams", 1 << 16), ("chunk_size", 1 << 32), ("streams", -1), ("recursive", 1), ("client", b"x"),
     ("bench_seconds", "1"), ("session_id", "text"),
+    ("rate", -1), ("rate", 1.5), ("rate", "200M"), ("rate", True),
 ])
 def test_hello_bad_fields(key, bad):
     with pytest.raises(RemoteProtocolError):

@@ -1,0 +1,150 @@
+"""The pacer adapter: one thread-safe aggregate pacer per transfer, shared by its send pumps.
+
+:class:`agent.core.pacer.Pacer` holds the logic (a token bucket with injected time);
+this adapter adds the lock, the clock, the sleeping, and the sockets:
+
+* a pump sends each frame in slices of :attr:`SharedPacer.quantum` bytes (about 5 ms
+  at the rate), each slice paid for in the shared bucket before ``sendall``;
+* every data socket is also paced by the kernel (``SO_MAX_PACING_RATE``) at its fair
+  share of the rate x 1.2, so no stream sends a slice at line rate;
+* :meth:`SharedPacer.set_rate` may be called from any thread (the event loop, a
+  controller, a library user) and takes effect at once: pumps waiting for credit are
+  woken and re-timed at the new rate, and every socket gets its new share.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from agent.aio.pumps import set_pacing
+from agent.core.pacer import Pacer, check_rate
+
+__all__ = ["BURST_SECONDS", "SHARE_HEADROOM", "SharedPacer"]
+
+SHARE_HEADROOM = 1.2
+"""Kernel pacing per socket: fair share of the rate x this (the aggregate bucket holds the total)."""
+BURST_SECONDS = 0.02
+"""Credit the bucket may hold: 20 ms of the rate (absorbs late wake-ups, bounds bursts to 2%)."""
+QUANTUM_SECONDS = 0.005
+MIN_QUANTUM = 16 << 10
+MAX_QUANTUM = 1 << 20
+_UNPACED = -1  # SO_MAX_PACING_RATE ~0U: no kernel pacing
+
+
+class SharedPacer:
+    """``SharedPacer(rate_bps)``: pace all streams of one transfer to ``rate_bps`` in total (0 = unlimited)."""
+
+    def __init__(self, rate_bps: float = 0, *, clock: Callable[[], float] = time.monotonic) -> None:
+        rate = check_rate(rate_bps)
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._pacer = Pacer(rate, self._burst(rate), clock())
+        self._rate = rate
+        self._quantum = self._quantum_for(rate)
+        self._socks: list[socket.socket] = []
+        self._kernel_paced = False
+        self._closed = False
+
+    @staticmethod
+    def _burst(rate_bps: float) -> float:
+        return rate_bps / 8 * BURST_SECONDS
+
+    @staticmethod
+    def _quantum_for(rate_bps: float) -> int:
+        return int(min(MAX_QUANTUM, max(MIN_QUANTUM, rate_bps / 8 * QUANTUM_SECONDS)))
+
+    @property
+    def rate_bps(self) -> float:
+        return self._rate
+
+    @property
+    def quantum(self) -> int:
+        return self._quantum
+
+    # -- rate -------------------------------------------------------------------------------
+    def set_rate(self, rate_bps: float) -> None:
+        """New total rate in bits/s (0 = unlimited), from any thread; effective at once."""
+        rate = check_rate(rate_bps)
+        with self._cond:
+            self._pacer.set_rate(rate, self._clock(), self._burst(rate))
+            self._rate = rate
+            self._quantum = self._quantum_for(rate)
+            self._cond.notify_all()
+            socks = list(self._socks)
+        self._apply(socks)
+
+    # -- sockets ----------------------------------------------------------------------------
+    def attach(self, sock: socket.socket) -> None:
+        """A data socket of this transfer: kernel-paced at its share of the rate."""
+        with self._cond:
+            if sock not in self._socks:
+                self._socks.append(sock)
+            socks = list(self._socks)
+        self._apply(socks)
+
+    def detach(self, sock: socket.socket) -> None:
+        """A socket that no longer carries data: the others get its share."""
+        with self._cond:
+            if sock in self._socks:
+                self._socks.remove(sock)
+            socks = list(self._socks)
+        self._apply(socks)
+
+    def share(self) -> int:
+        """SO_MAX_PACING_RATE per socket now, in bytes/s (0: not paced)."""
+        with self._cond:
+            n = len(self._socks)
+        return int(self._rate / 8 / max(1, n) * SHARE_HEADROOM) if self._rate else 0
+
+    def _apply(self, socks: list[socket.socket]) -> None:
+        if not socks:
+            return
+        if self._rate:
+            value = max(1000, min(int(self._rate / 8 / len(socks) * SHARE_HEADROOM), 2**31 - 1))
+            self._kernel_paced = True
+        elif self._kernel_paced:
+            value = _UNPACED
+        else:
+            return
+        for s in socks:
+            try:
+                set_pacing(s, value)
+            except OSError:  # closed under us: its pump reports it
+                pass
+
+    # -- pumps --------------------------------------------------------------------------------
+    def acquire(self, nbytes: int) -> None:
+        """Block until ``nbytes`` may be sent (returns at once when unlimited or closed)."""
+        if not self._rate:  # unlimited: no lock on the fast path
+            return
+        with self._cond:
+            pacer, clock = self._pacer, self._clock
+            ticket = pacer.take(nbytes, clock())
+            while not self._closed:
+                delay = pacer.wait_time(ticket, clock())
+                if delay <= 0:
+                    return
+                self._cond.wait(delay)
+
+    def sendall(self, sock: socket.socket, data) -> None:
+        """``sock.sendall(data)`` at the shared rate, slice by slice."""
+        if not self._rate:
+            sock.sendall(data)
+            return
+        view = memoryview(data).cast("B")
+        off, n = 0, len(view)
+        while off < n:
+            q = self._quantum
+            piece = view[off : off + q]
+            self.acquire(len(piece))
+            sock.sendall(piece)
+            off += len(piece)
+
+    def close(self) -> None:
+        """Wake every waiting pump for good (the session is over)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
