@@ -1,1 +1,11 @@
-"""controller_stub layer (see docs/ARCHITECTURE.md)."""
+"""The lightweight scheduler: a reservation ledger with admission control, its SQLite
+store and the topology file (docs/CONTROL.md).  Sans-I/O core (``ledger``), I/O at the
+edges (``store``, ``topology``); the gRPC service is not built yet.
+"""
+
+from controller_stub.errors import *  # noqa: F403
+from controller_stub.errors import __all__ as _errors_all
+from controller_stub.ledger import *  # noqa: F403
+from controller_stub.ledger import __all__ as _ledger_all
+
+__all__ = [*_ledger_all, *_errors_all]
