@@ -108,7 +108,7 @@ def proc_hwm(pid: int) -> int:
 
 
 class ChildCPU:
-    """CPU seconds and peak RSS of the children started inside the ``with`` block."""
+    """CPU seconds of the children reaped inside the ``with`` block."""
 
     def __enter__(self):
         import resource
@@ -120,13 +120,33 @@ class ChildCPU:
     def __exit__(self, *exc):
         u1 = self._r.getrusage(self._r.RUSAGE_CHILDREN)
         self.cpu = (u1.ru_utime - self._u0.ru_utime) + (u1.ru_stime - self._u0.ru_stime)
-        self.maxrss = u1.ru_maxrss * 1024  # of any child so far (the biggest)
+
+
+LAST_CLIENT_RSS = 0  # peak RSS (VmHWM, sampled every 5 ms) of the last client run_client ran
 
 
 def run_client(argv: list[str], env: dict | None = None, timeout: float = 900):
-    t0 = time.perf_counter()
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-    return time.perf_counter() - t0, r
+    global LAST_CLIENT_RSS
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True)
+        deadline = t0 + timeout
+        hwm = 0
+        while True:
+            # VmHWM of the exec'ed image (rusage's maxrss would include the forked copy of us)
+            hwm = max(hwm, proc_hwm(p.pid))
+            pid, status, _ = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                p.kill()
+            time.sleep(0.005)
+        secs = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        LAST_CLIENT_RSS = hwm
+        out.seek(0)
+        err.seek(0)
+        return secs, subprocess.CompletedProcess(argv, p.returncode, out.read(), err.read())
 
 
 def tree_size(path: Path) -> tuple[int, int]:
@@ -256,7 +276,7 @@ def bench_dxa(srv: Servers, src: Path, dst: Path, label: str, extra: list[str] =
             secs, r = run_client([*dxa(), "cp", "-r", "--json", "-q", *extra, str(src), f"dxa://127.0.0.1:{port}/x"],
                                  env=srv.env)
         run.cpu_s = c.cpu + proc_cpu(daemon.pid) - cpu0
-        run.peak_rss = {"sender": c.maxrss, "receiver": proc_hwm(daemon.pid)}
+        run.peak_rss = {"sender": LAST_CLIENT_RSS, "receiver": proc_hwm(daemon.pid)}
         if r.returncode != 0:
             run.error = (r.stderr or r.stdout).strip()[-300:]
             return run
@@ -372,7 +392,7 @@ def profile(srv: Servers, src: Path, dst: Path, out: Path, seconds: int = 20) ->
         spies = []
         for name, pid in (("sender", client.pid), ("receiver", daemon.pid)):
             spies.append((name, subprocess.Popen(
-                ["py-spy", "record", "--native", "--threads", "--idle", "-r", "200", "-d", str(seconds), "-p",
+                ["py-spy", "record", "--native", "--threads", "-r", "200", "-d", str(seconds), "-p",
                  str(pid), "-f", "raw", "-o", str(out / f"{name}.folded")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         client.wait(900)
@@ -396,10 +416,11 @@ def top_functions(folded: Path, n: int = 12) -> list[tuple[str, float]]:
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        frames = stack.split(";")
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        py = [f for f, full in zip(frames, stack.split(";")) if ".py:" in full]
         leaf = frames[-1]
-        # idle waits show up as syscalls in select/poll/recv: keep them, they tell the story too
-        own[leaf.split(" (")[0][:80]] += int(count)
+        key = f"{py[-1]}→{leaf}" if py and py[-1] != leaf else leaf
+        own[key[:80]] += int(count)
         total += int(count)
     return [(f, round(100 * c / total, 1)) for f, c in own.most_common(n)] if total else []
 
@@ -516,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                 make_big(src, size)
             prof = profile(srv, src, work / "dst", a.profile)
             report["profile"] = prof
-            lines += ["### Where the CPU goes (py-spy, own samples, all threads incl. idle)", ""]
+            lines += ["### Where the CPU goes (py-spy --native, running threads: deepest Python frame → native leaf)", ""]
             for side, top in prof.items():
                 lines.append(f"**{side}**: " + ", ".join(f"{fn} {pct}%" for fn, pct in top) if isinstance(top, list)
                              else f"**{side}**: {top}")
