@@ -48,6 +48,7 @@ __all__ = [
     "Outcome",
     "Link",
     "Agent",
+    "AgentRegistration",
     "ReservationRequest",
     "Reservation",
     "Decision",
@@ -134,6 +135,19 @@ class Agent:
     @property
     def downlink(self) -> str:
         return f"{self.site}>{self.name}"
+
+
+@dataclass(frozen=True)
+class AgentRegistration:
+    """What an agent reports when it registers."""
+
+    name: str
+    site: str
+    """The site (topology node) it sits at."""
+    addresses: tuple[str, ...]
+    """Where other agents reach its data port, "host:port"."""
+    capacity_bps: int
+    """Its own link's capacity, each direction."""
 
 
 @dataclass(frozen=True)
@@ -423,6 +437,10 @@ class Ledger:
         self._set_link(Link(agent.downlink, site, name, agent.capacity_bps), now, backbone=False)
         self._admit_waiters(now)
         return agent
+
+    def register(self, registration: AgentRegistration, now: float) -> Agent:
+        r = registration
+        return self.register_agent(r.name, r.site, r.addresses, r.capacity_bps, now)
 
     def heartbeat(self, name: str, now: float) -> Agent:
         """Renew the lease.  An agent whose lease ran out must register again."""

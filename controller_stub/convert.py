@@ -1,0 +1,251 @@
+"""The one adapter between the generated dxa.controller.v1 messages and the ledger's types.
+
+Nothing else in controller_stub imports agent._proto: servicers and clients call these
+functions at the boundary and work with ledger dataclasses inside.  Times on the wire
+are ``google.protobuf.Timestamp``; inside they are float seconds of the Unix epoch (the
+clock the service layer will feed the ledger).  An open-ended window has no ``end`` on
+the wire and ``math.inf`` inside.  Malformed messages raise the ledger's
+``InvalidRequestError`` (a ValueError), never a protobuf error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from agent._proto.dxa.controller.v1 import controller_pb2 as pb
+from controller_stub.errors import (
+    InsufficientCapacityError,
+    InvalidRequestError,
+    InvalidTransitionError,
+    LeaseExpiredError,
+    LedgerError,
+    NoRouteError,
+    RateAboveCapacityError,
+    UnknownAgentError,
+    UnknownLinkError,
+    UnknownReservationError,
+)
+from controller_stub.ledger import (
+    Agent,
+    AgentRegistration,
+    Decision,
+    Outcome,
+    Reservation,
+    ReservationRequest,
+    State,
+)
+
+__all__ = [
+    "timestamp_to_seconds",
+    "seconds_to_timestamp",
+    "state_to_proto",
+    "state_from_proto",
+    "registration_from_proto",
+    "registration_to_proto",
+    "agent_to_proto",
+    "agent_from_proto",
+    "register_response",
+    "spec_from_proto",
+    "spec_to_proto",
+    "reservation_to_proto",
+    "reservation_from_proto",
+    "decision_to_proto",
+    "decision_from_proto",
+    "release_from_proto",
+    "error_to_status",
+]
+
+_STATES = {
+    State.SUBMITTED: pb.RESERVATION_STATE_SUBMITTED,
+    State.RESERVED: pb.RESERVATION_STATE_RESERVED,
+    State.TRANSFERRING: pb.RESERVATION_STATE_TRANSFERRING,
+    State.DONE: pb.RESERVATION_STATE_DONE,
+    State.FAILED: pb.RESERVATION_STATE_FAILED,
+    State.CANCELLED: pb.RESERVATION_STATE_CANCELLED,
+}
+_STATES_BACK = {v: k for k, v in _STATES.items()}
+_OUTCOMES = {
+    Outcome.ADMITTED: pb.DECISION_ADMITTED,
+    Outcome.QUEUED: pb.DECISION_QUEUED,
+    Outcome.REFUSED: pb.DECISION_REFUSED,
+}
+_OUTCOMES_BACK = {v: k for k, v in _OUTCOMES.items()}
+
+
+def timestamp_to_seconds(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def seconds_to_timestamp(t: float) -> timestamp_pb2.Timestamp:
+    if not math.isfinite(t):
+        raise InvalidRequestError("a timestamp must be finite", t)
+    seconds = math.floor(t)
+    nanos = round((t - seconds) * 1e9)
+    if nanos >= 1_000_000_000:
+        seconds, nanos = seconds + 1, nanos - 1_000_000_000
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+def _optional_time(msg, name: str) -> float | None:
+    return timestamp_to_seconds(getattr(msg, name)) if msg.HasField(name) else None
+
+
+def state_to_proto(state: State) -> int:
+    return _STATES[state]
+
+
+def state_from_proto(value: int) -> State:
+    try:
+        return _STATES_BACK[value]
+    except KeyError:
+        raise InvalidRequestError("unknown reservation state", value) from None
+
+
+# ------------------------------------------------------------------- agents
+
+
+def registration_from_proto(msg: pb.RegisterAgentRequest) -> AgentRegistration:
+    if not msg.name or not msg.site:
+        raise InvalidRequestError("agent name and site are required")
+    if msg.link_capacity_bps <= 0:
+        raise InvalidRequestError("link_capacity_bps must be positive")
+    return AgentRegistration(msg.name, msg.site, tuple(msg.addresses), msg.link_capacity_bps)
+
+
+def registration_to_proto(reg: AgentRegistration) -> pb.RegisterAgentRequest:
+    return pb.RegisterAgentRequest(name=reg.name, site=reg.site, addresses=reg.addresses,
+                                   link_capacity_bps=reg.capacity_bps)
+
+
+def agent_to_proto(agent: Agent) -> pb.Agent:
+    return pb.Agent(name=agent.name, site=agent.site, addresses=agent.addresses,
+                    link_capacity_bps=agent.capacity_bps,
+                    lease_expires=seconds_to_timestamp(agent.lease_expires), expired=agent.expired)
+
+
+def agent_from_proto(msg: pb.Agent) -> Agent:
+    return Agent(msg.name, msg.site, tuple(msg.addresses), msg.link_capacity_bps,
+                 timestamp_to_seconds(msg.lease_expires), msg.expired)
+
+
+def register_response(agent: Agent, lease_timeout: float) -> pb.RegisterAgentResponse:
+    timeout = duration_pb2.Duration()
+    timeout.FromNanoseconds(round(lease_timeout * 1e9))
+    return pb.RegisterAgentResponse(agent=agent_to_proto(agent), lease_timeout=timeout)
+
+
+# ------------------------------------------------------------- reservations
+
+
+def spec_from_proto(msg: pb.ReservationSpec) -> ReservationRequest:
+    if not msg.source_agent or not msg.destination_agent:
+        raise InvalidRequestError("source_agent and destination_agent are required")
+    return ReservationRequest(
+        source=msg.source_agent,
+        destination=msg.destination_agent,
+        rate_bps=msg.rate_bps or None,
+        volume_bytes=msg.volume_bytes or None,
+        not_before=_optional_time(msg, "not_before"),
+        finish_by=_optional_time(msg, "finish_by"),
+        priority=msg.priority,
+        wait=msg.wait,
+        path=tuple(msg.path) or None,
+        transfer_id=msg.transfer_id,
+    )
+
+
+def spec_to_proto(req: ReservationRequest) -> pb.ReservationSpec:
+    msg = pb.ReservationSpec(source_agent=req.source, destination_agent=req.destination,
+                             rate_bps=req.rate_bps or 0, volume_bytes=req.volume_bytes or 0,
+                             priority=req.priority, wait=req.wait, path=req.path or (),
+                             transfer_id=req.transfer_id)
+    if req.not_before is not None:
+        msg.not_before.CopyFrom(seconds_to_timestamp(req.not_before))
+    if req.finish_by is not None:
+        msg.finish_by.CopyFrom(seconds_to_timestamp(req.finish_by))
+    return msg
+
+
+def reservation_to_proto(r: Reservation) -> pb.Reservation:
+    msg = pb.Reservation(id=r.id, spec=spec_to_proto(r.request), path=r.path, rate_bps=r.rate_bps,
+                         start=seconds_to_timestamp(r.start), state=state_to_proto(r.state),
+                         submitted=seconds_to_timestamp(r.submitted_at), reason=r.reason)
+    if r.end < math.inf:
+        msg.end.CopyFrom(seconds_to_timestamp(r.end))
+    return msg
+
+
+def reservation_from_proto(msg: pb.Reservation) -> Reservation:
+    """For clients (agents): the scheduler's view of one reservation.
+
+    ``seq`` is not on the wire; it is taken from the id ("r<seq>") when it has that form."""
+    seq = int(msg.id[1:]) if msg.id[:1] == "r" and msg.id[1:].isdigit() else 0
+    return Reservation(
+        id=msg.id,
+        request=spec_from_proto(msg.spec),
+        path=tuple(msg.path),
+        rate_bps=msg.rate_bps,
+        start=timestamp_to_seconds(msg.start),
+        end=timestamp_to_seconds(msg.end) if msg.HasField("end") else math.inf,
+        state=state_from_proto(msg.state),
+        seq=seq,
+        submitted_at=timestamp_to_seconds(msg.submitted),
+        reason=msg.reason,
+    )
+
+
+def decision_to_proto(d: Decision) -> pb.RequestReservationResponse:
+    msg = pb.RequestReservationResponse(decision=_OUTCOMES[d.outcome], blocked_by_queue=d.blocked_by_queue)
+    if d.reservation is not None:
+        msg.reservation.CopyFrom(reservation_to_proto(d.reservation))
+    if d.earliest_start is not None:
+        msg.earliest_start.CopyFrom(seconds_to_timestamp(d.earliest_start))
+    return msg
+
+
+def decision_from_proto(msg: pb.RequestReservationResponse) -> Decision:
+    try:
+        outcome = _OUTCOMES_BACK[msg.decision]
+    except KeyError:
+        raise InvalidRequestError("unknown decision", msg.decision) from None
+    return Decision(
+        outcome=outcome,
+        reservation=reservation_from_proto(msg.reservation) if msg.HasField("reservation") else None,
+        earliest_start=_optional_time(msg, "earliest_start"),
+        blocked_by_queue=msg.blocked_by_queue,
+    )
+
+
+def release_from_proto(msg: pb.ReleaseReservationRequest) -> tuple[str, State, str]:
+    """(reservation id, outcome, reason) for ``Ledger.release``."""
+    outcome = state_from_proto(msg.outcome)
+    if not outcome.released:
+        raise InvalidRequestError("outcome must be DONE, FAILED or CANCELLED", msg.outcome)
+    return msg.id, outcome, msg.reason
+
+
+# ------------------------------------------------------------------- errors
+
+
+_STATUS: tuple[tuple[type[LedgerError], grpc.StatusCode], ...] = (
+    (UnknownAgentError, grpc.StatusCode.NOT_FOUND),
+    (UnknownLinkError, grpc.StatusCode.NOT_FOUND),
+    (UnknownReservationError, grpc.StatusCode.NOT_FOUND),
+    (LeaseExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidTransitionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NoRouteError, grpc.StatusCode.FAILED_PRECONDITION),
+    (InsufficientCapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RateAboveCapacityError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def error_to_status(exc: LedgerError) -> grpc.StatusCode:
+    """The gRPC status a servicer answers a ledger error with (the CLI words the message)."""
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
