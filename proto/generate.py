@@ -65,7 +65,8 @@ def generate(out: Path) -> list[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(HEADER.format(source=f"proto/{source}") + _rewrite_imports(path.read_text()))
             written.append(target)
-        for directory in sorted({p.parent for p in written}):
+        packages = {d for p in written for d in p.relative_to(out).parents}
+        for directory in sorted(out / d for d in packages):
             init = directory / "__init__.py"
             if not init.exists():
                 init.write_text("")
