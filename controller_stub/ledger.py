@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 INF = math.inf
+MAX_INT = 2**63 - 1  # rates, volumes and capacities must fit SQLite's 64-bit integers
 
 
 class State(enum.Enum):
@@ -184,10 +185,10 @@ class ReservationRequest:
     """The agent's id for the transfer, carried along for the agents' benefit."""
 
     def __post_init__(self) -> None:
-        if self.rate_bps is not None and (not isinstance(self.rate_bps, int) or self.rate_bps <= 0):
-            raise InvalidRequestError("rate_bps must be a positive integer", self.rate_bps)
-        if self.volume_bytes is not None and (not isinstance(self.volume_bytes, int) or self.volume_bytes <= 0):
-            raise InvalidRequestError("volume_bytes must be a positive integer", self.volume_bytes)
+        for name in ("rate_bps", "volume_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_INT):
+                raise InvalidRequestError(f"{name} must be a positive integer below 2**63", value)
         if self.rate_bps is None and (self.volume_bytes is None or self.finish_by is None):
             raise InvalidRequestError("need rate_bps, or volume_bytes with finish_by (deadline mode)")
         if self.not_before is not None and self.finish_by is not None and self.finish_by <= self.not_before:
@@ -510,8 +511,8 @@ class Ledger:
         A raise is admitted only if every link on the path has room for it; a lowering
         always is, and the freed rate goes to the waiters at once (returned second).
         """
-        if not isinstance(rate_bps, int) or rate_bps <= 0:
-            raise InvalidRequestError("rate_bps must be a positive integer", rate_bps)
+        if not isinstance(rate_bps, int) or isinstance(rate_bps, bool) or not 0 < rate_bps <= MAX_INT:
+            raise InvalidRequestError("rate_bps must be a positive integer below 2**63", rate_bps)
         self.tick(now)
         r = self.get(reservation_id)
         if not r.state.holds_capacity:
@@ -787,6 +788,6 @@ class Ledger:
 
 
 def _check_capacity(capacity_bps: int) -> int:
-    if not isinstance(capacity_bps, int) or isinstance(capacity_bps, bool) or capacity_bps <= 0:
-        raise InvalidRequestError("capacity must be a positive integer (bits per second)", capacity_bps)
+    if not isinstance(capacity_bps, int) or isinstance(capacity_bps, bool) or not 0 < capacity_bps <= MAX_INT:
+        raise InvalidRequestError("capacity must be a positive integer below 2**63 (bits per second)", capacity_bps)
     return capacity_bps
