@@ -18,7 +18,14 @@ import sqlite3
 from pathlib import Path
 
 from controller_stub.errors import LedgerStoreError
-from controller_stub.ledger import Agent, LedgerSnapshot, Link, Reservation, ReservationRequest, State
+from controller_stub.ledger import (
+    Agent,
+    LedgerSnapshot,
+    Link,
+    Reservation,
+    ReservationRequest,
+    State,
+)
 
 __all__ = ["LedgerStore", "SCHEMA_VERSION"]
 
@@ -83,7 +90,7 @@ class LedgerStore:
         try:
             db.execute("BEGIN IMMEDIATE")
             for table in ("sites", "links", "agents", "reservations"):
-                db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+                db.execute(f"DELETE FROM {table}")
             db.executemany("INSERT INTO sites VALUES (?)", [(s,) for s in snap.sites])
             db.executemany("INSERT INTO links VALUES (?,?,?,?)",
                            [(k.id, k.src, k.dst, k.capacity_bps) for k in snap.links])

@@ -25,7 +25,13 @@ from controller_stub.errors import (
     RateAboveCapacityError,
     UnknownAgentError,
 )
-from controller_stub.ledger import Ledger, LedgerConfig, Outcome, ReservationRequest, State
+from controller_stub.ledger import (
+    Ledger,
+    LedgerConfig,
+    Outcome,
+    ReservationRequest,
+    State,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 GENERATED = REPO / "agent" / "_proto"

@@ -11,8 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller_stub.errors import InsufficientCapacityError, InvalidTransitionError, LedgerStoreError
-from controller_stub.ledger import Ledger, LedgerConfig, Link, Outcome, ReservationRequest, State
+from controller_stub.errors import (
+    InsufficientCapacityError,
+    InvalidTransitionError,
+    LedgerStoreError,
+)
+from controller_stub.ledger import (
+    Ledger,
+    LedgerConfig,
+    Link,
+    Outcome,
+    ReservationRequest,
+    State,
+)
 from controller_stub.store import LedgerStore
 from controller_stub.topology import load_topology
 
