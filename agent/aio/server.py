@@ -81,11 +81,12 @@ class Server:
         self._conns: set[asyncio.Task] = set()
         self.port = config.port
         self.completed: list[dict] = []
+        self.journal: Journal | None = None
 
     async def start(self) -> None:
         os.makedirs(self.config.root, exist_ok=True)
         SafeRoot(self.config.root).close()
-        Journal(self.config.journal_path).close()
+        self.journal = Journal(self.config.journal_path)  # one per daemon, shared by its sessions
         sock = socket.create_server((self.config.host, self.config.port), reuse_port=False, backlog=256)
         sock.setblocking(False)
         self._sock = sock
@@ -106,6 +107,9 @@ class Server:
         await asyncio.gather(*self._conns, return_exceptions=True)
         if self._sock is not None:
             self._sock.close()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -219,7 +223,7 @@ class Server:
         streams = min(hello.streams, cfg.max_streams)
         sess = _Session(hello, peer)
         max_frame = hello.chunk_size + DATA_HEADER_LEN + 1024
-        store = root = journal = None
+        store = root = None
         try:
             if hello.mode == "pull":
                 root = SafeRoot(cfg.root, create=False)
@@ -233,8 +237,7 @@ class Server:
                                             rate=hello.rate)
             elif hello.mode == "push":
                 root = SafeRoot(cfg.root)
-                journal = Journal(cfg.journal_path)
-                store = ReceiverStore(root, journal, base=hello.path, fsync=cfg.fsync)
+                store = ReceiverStore(root, self.journal, base=hello.path, fsync=cfg.fsync)
                 sess.driver = ReceiverSession(ctrl, ReceiverCore(max_chunk=cfg.max_chunk), store,
                                               Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             else:
@@ -258,8 +261,6 @@ class Server:
             raise
         finally:
             self._sessions.pop(hello.session_id, None)
-            if journal is not None:
-                journal.close()
             if root is not None:
                 root.close()
 

@@ -4,7 +4,9 @@ For each destination file it records the source version being received and the
 digests of the chunks verified so far, then, once the file is renamed into place,
 that it is complete.  The caller commits only after fdatasync-ing the partial files
 the new rows describe, so the journal never claims data that is not on disk.
-One Journal object is used from one thread at a time.
+One Journal per database file is shared by every session of a daemon (SQLite allows
+one writer at a time; per-session connections starved each other); every public
+method takes the object's lock, so it is safe from any thread.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import errno
 import logging
 import os
 import sqlite3
+import threading
+from functools import wraps
 from dataclasses import dataclass
 
 from agent.errors import DiskFullError, StorageError
@@ -53,6 +57,15 @@ class FileRecord:
 BALLAST = 4 << 20
 
 
+def _locked(method):
+    @wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Journal:
     """``ballast`` bytes are set aside next to the database (``<path>.ballast``) and given
     up when the disk fills, so that the last commit still fits: a disk-full failure keeps
@@ -64,6 +77,7 @@ class Journal:
         self._ballast = path + ".ballast"
         if ballast and not os.path.exists(self._ballast):
             _make_ballast(self._ballast, ballast)
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -78,6 +92,7 @@ class Journal:
         except sqlite3.Error as exc:
             raise _db_error(exc, self.path) from None
 
+    @_locked
     def close(self) -> None:
         """Commit what is pending and close; a failed commit only means those chunks are resent."""
         try:
@@ -87,6 +102,7 @@ class Journal:
         finally:
             self._db.close()
 
+    @_locked
     def lookup(self, dest: str) -> FileRecord | None:
         row = self._db.execute("SELECT size, mtime_ns, chunk_size, complete FROM files WHERE dest=?", (dest,)).fetchone()
         if row is None:
@@ -94,25 +110,31 @@ class Journal:
         chunks = dict(self._db.execute("SELECT idx, digest FROM chunks WHERE dest=?", (dest,)).fetchall())
         return FileRecord(row[0], row[1], row[2], bool(row[3]), chunks)
 
+    @_locked
     def start(self, dest: str, size: int, mtime_ns: int, chunk_size: int) -> None:
         """Begin (or restart) receiving ``dest`` from this source version; old chunks are dropped."""
         self._write("DELETE FROM chunks WHERE dest=?", (dest,))
         self._write("INSERT OR REPLACE INTO files VALUES (?,?,?,?,0)", (dest, size, mtime_ns, chunk_size))
 
+    @_locked
     def add_chunks(self, rows: list[tuple[str, int, bytes]]) -> None:
         self._write("INSERT OR REPLACE INTO chunks VALUES (?,?,?)", list(rows), many=True)
 
+    @_locked
     def drop_chunks(self, dest: str, indices: list[int]) -> None:
         self._write("DELETE FROM chunks WHERE dest=? AND idx=?", [(dest, i) for i in indices], many=True)
 
+    @_locked
     def complete(self, dest: str, size: int, mtime_ns: int, chunk_size: int) -> None:
         self._write("DELETE FROM chunks WHERE dest=?", (dest,))
         self._write("INSERT OR REPLACE INTO files VALUES (?,?,?,?,1)", (dest, size, mtime_ns, chunk_size))
 
+    @_locked
     def forget(self, dest: str) -> None:
         self._write("DELETE FROM chunks WHERE dest=?", (dest,))
         self._write("DELETE FROM files WHERE dest=?", (dest,))
 
+    @_locked
     def commit(self) -> None:
         """Make everything since the last commit durable.  On failure (e.g. disk full) the
         batch is rolled back: the journal never claims a chunk it could not record."""

@@ -98,3 +98,18 @@ def test_bad_arguments_are_config_errors(tmp_path, identity):
         TransferOptions(streams=0)
     with pytest.raises(ConfigError):
         TransferOptions(chunk_size=10)
+
+
+def test_the_daemon_serves_many_transfers_at_once(tmp_path, server, identity):
+    trees = [make_tree(tmp_path / f"src{i}", files=15, big=300_000, seed=i) for i in range(4)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(copy([str(t)], server.url(f"many/{i}"), identity=identity, options=OPTS)
+                                      for i, t in enumerate(trees)))
+
+    results = run(all_at_once())
+    assert all(r.verified for r in results)
+    for i, t in enumerate(trees):
+        assert same_tree(t, server.root / "many" / str(i))
+    # each transfer was logged with its outcome
+    assert len([c for c in server.server.completed if c["outcome"] == "ok"]) >= 4
