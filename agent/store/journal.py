@@ -78,6 +78,7 @@ class Journal:
         if ballast and not os.path.exists(self._ballast):
             _make_ballast(self._ballast, ballast)
         self._lock = threading.RLock()
+        self._active: dict[str, object] = {}  # destination → the store receiving it now
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -91,6 +92,20 @@ class Journal:
             (self._db.executemany if many else self._db.execute)(sql, params)
         except sqlite3.Error as exc:
             raise _db_error(exc, self.path) from None
+
+    @_locked
+    def claim(self, dest: str, owner: object) -> bool:
+        """Reserve ``dest`` for one transfer; False while another transfer is receiving it."""
+        if self._active.setdefault(dest, owner) is not owner:
+            return False
+        return True
+
+    @_locked
+    def release(self, owner: object, dest: str | None = None) -> None:
+        """Give back ``dest`` (or every destination ``owner`` holds)."""
+        for d in [dest] if dest is not None else [d for d, o in self._active.items() if o is owner]:
+            if self._active.get(d) is owner:
+                del self._active[d]
 
     @_locked
     def close(self) -> None:

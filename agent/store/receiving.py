@@ -126,9 +126,12 @@ class ReceiverStore:
             raise PathError(f"{rel}: exists and is not a regular file; refusing to replace it")
         with self._lock:
             rec = self.journal.lookup(dest)
+            if not self.journal.claim(dest, self):
+                return PlanEntry(e.file_id, ACTION_REFUSE, [], f"{rel}: another transfer is writing it right now")
             if (st is not None and rec is not None and rec.complete
                     and rec.same_source(e.size, e.mtime_ns, e.chunk_size)
                     and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns):
+                self.journal.release(self, dest)
                 return PlanEntry(e.file_id, ACTION_SKIP)
             fd = os.open(part_name(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
             self._open[e.file_id] = _Open(fd, parent, name, dest, e)
@@ -230,6 +233,7 @@ class ReceiverStore:
         with self._lock:
             self._open.pop(entry.file_id, None)
             self.journal.complete(f.dest, entry.size, entry.mtime_ns, entry.chunk_size)
+            self.journal.release(self, f.dest)
         os.close(f.fd)
 
     def finish_dirs(self) -> None:
@@ -250,3 +254,4 @@ class ReceiverStore:
                 for f in self._open.values():
                     os.close(f.fd)
                 self._open.clear()
+                self.journal.release(self)

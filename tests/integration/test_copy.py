@@ -113,3 +113,23 @@ def test_the_daemon_serves_many_transfers_at_once(tmp_path, server, identity):
         assert same_tree(t, server.root / "many" / str(i))
     # each transfer was logged with its outcome
     assert len([c for c in server.server.completed if c["outcome"] == "ok"]) >= 4
+
+
+def test_two_transfers_to_the_same_file_never_mix(tmp_path, server, identity):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "f.bin").write_bytes(os.urandom(3 << 20))
+    (b / "f.bin").write_bytes(os.urandom(3 << 20))
+    opts = TransferOptions.for_test(recursive=True, rate=40_000_000)  # slow enough to overlap
+
+    async def both():
+        return await asyncio.gather(copy([str(a / "f.bin")], server.url("same/f.bin"), identity=identity, options=opts),
+                                    copy([str(b / "f.bin")], server.url("same/f.bin"), identity=identity, options=opts))
+
+    ra, rb = run(both())
+    assert ra.verified != rb.verified, "exactly one of two overlapping writers may win"
+    loser = rb if ra.verified else ra
+    assert any("another transfer" in e for e in loser.errors)
+    got = (server.root / "same" / "f.bin").read_bytes()
+    assert got == (a / "f.bin").read_bytes() if ra.verified else got == (b / "f.bin").read_bytes()
