@@ -487,6 +487,8 @@ class Ledger:
 
     def start(self, reservation_id: str, now: float) -> Reservation:
         """The agents began moving data: RESERVED → TRANSFERRING (not before the window opens)."""
+        self.get(reservation_id)
+        self.tick(now)  # a window that closed, or a lease that ran out, cannot start
         r = self.get(reservation_id)
         if r.state is not State.RESERVED or now < r.start:
             raise InvalidTransitionError(r.id, r.state.value, "start" if now >= r.start else "start before window")
@@ -563,21 +565,17 @@ class Ledger:
                 self._release(r, State.FAILED, "window ended")
         for rid in list(self._waiting):
             r = self._reservations[rid]
-            if r.request.finish_by is not None:
-                try:
-                    self._plan(r.request, now)
-                except DeadlineUnreachableError:
-                    self._release(r, State.FAILED, "deadline unreachable")
+            finish_by = r.request.finish_by
+            if finish_by is not None and (now >= finish_by or now > self._last_chance(r)):
+                self._release(r, State.FAILED, "deadline unreachable")
         self._admit_waiters(now)
 
     def next_timer(self) -> float | None:
         """When ``tick`` next has something to do, if nothing else happens before."""
         times = [a.lease_expires for a in self._agents.values() if not a.expired]
         times += [r.end for r in self._reservations.values() if r.state.holds_capacity and r.end < INF]
-        for rid in self._waiting:
-            req = self._reservations[rid].request
-            if req.finish_by is not None:
-                times.append(req.finish_by - (req.duration or 0.0))
+        times += [self._last_chance(self._reservations[i]) for i in self._waiting
+                  if self._reservations[i].request.finish_by is not None]
         return min(times) if times else None
 
     def drain_events(self) -> list[Event]:
@@ -708,6 +706,18 @@ class Ledger:
         if req.finish_by is not None and (end > req.finish_by or start >= req.finish_by):
             raise DeadlineUnreachableError(req.finish_by, now)
         return req.rate_bps, start, end
+
+    def _last_chance(self, r: Reservation) -> float:
+        """The instant from which a waiter with a finish-by time can no longer be served:
+        its window no longer fits before finish_by, or (deadline mode) the rate it would
+        need exceeds what its path can carry."""
+        req = r.request
+        assert req.finish_by is not None
+        if req.rate_bps is not None:
+            return req.finish_by - (req.duration or 0.0)
+        assert req.volume_bytes is not None
+        narrowest = min(self._links[i].capacity_bps for i in r.path)
+        return req.finish_by - req.volume_bytes * 8 / narrowest
 
     def _holding(self, link_id: str) -> list[Reservation]:
         return [self._reservations[i] for i in self._active.by_link.get(link_id, ())]

@@ -292,6 +292,26 @@ def test_a_window_that_closes_releases_its_capacity():
     assert ledger.get(waiter.id).state is State.RESERVED
 
 
+def test_a_deadline_waiter_fails_as_soon_as_its_path_could_no_longer_carry_the_rate():
+    ledger = two_sites()
+    ledger.request(req(10 * G), now=0)
+    # 10 GB by t=100 needs 0.8 Gbit/s now; over the 10G backbone it is hopeless after t=92.
+    w = ledger.request(req(volume_bytes=10 * 10**9, finish_by=100.0, src="a2"), now=0).reservation
+    assert ledger.next_timer() == 92.0
+    ledger.tick(92.0)
+    assert ledger.get(w.id).state is State.SUBMITTED
+    ledger.tick(92.5)
+    assert ledger.get(w.id).state is State.FAILED and ledger.get(w.id).reason == "deadline unreachable"
+
+
+def test_a_closed_window_cannot_start():
+    ledger = two_sites()
+    r = ledger.request(req(G, finish_by=10.0), now=0).reservation
+    with pytest.raises(InvalidTransitionError):
+        ledger.start(r.id, now=10.0)
+    assert ledger.get(r.id).state is State.FAILED and ledger.get(r.id).reason == "window ended"
+
+
 def test_a_waiter_whose_deadline_passes_fails():
     ledger = two_sites()
     ledger.request(req(10 * G), now=0)
