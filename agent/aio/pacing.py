@@ -6,7 +6,11 @@ this adapter adds the lock, the clock, the sleeping, and the sockets:
 * a pump sends each frame in slices of :attr:`SharedPacer.quantum` bytes (about 5 ms
   at the rate), each slice paid for in the shared bucket before ``sendall``;
 * every data socket is also paced by the kernel (``SO_MAX_PACING_RATE``) at its fair
-  share of the rate x 1.2, so no stream sends a slice at line rate;
+  share of the rate x 1.2, so no stream sends a slice at line rate; the share counts
+  the streams that have work (:meth:`SharedPacer.set_busy`), so the last streams of a
+  transfer are not held back;
+* a paced socket gets a small ``TCP_NOTSENT_LOWAT``: what the bucket lets go leaves
+  the host, instead of queueing in a socket buffer to be drained later above the rate;
 * :meth:`SharedPacer.set_rate` may be called from any thread (the event loop, a
   controller, a library user) and takes effect at once: pumps waiting for credit are
   woken and re-timed at the new rate, and every socket gets its new share.
@@ -31,7 +35,9 @@ BURST_SECONDS = 0.02
 QUANTUM_SECONDS = 0.005
 MIN_QUANTUM = 16 << 10
 MAX_QUANTUM = 1 << 20
-_UNPACED = -1  # SO_MAX_PACING_RATE ~0U: no kernel pacing
+MIN_NOTSENT = 32 << 10
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+_UNPACED = -1  # ~0U: no kernel pacing (SO_MAX_PACING_RATE), no low-water mark (TCP_NOTSENT_LOWAT)
 
 
 class SharedPacer:
@@ -45,7 +51,8 @@ class SharedPacer:
         self._rate = rate
         self._quantum = self._quantum_for(rate)
         self._socks: list[socket.socket] = []
-        self._kernel_paced = False
+        self._busy: set[socket.socket] = set()
+        self._applied: dict[socket.socket, tuple[int, int]] = {}  # (pacing rate, notsent lowat) set
         self._closed = False
 
     @staticmethod
@@ -64,6 +71,11 @@ class SharedPacer:
     def quantum(self) -> int:
         return self._quantum
 
+    @property
+    def reserved_bytes(self) -> float:
+        """Bytes granted (or being waited for) so far while paced; unlimited sends are not counted."""
+        return self._pacer.reserved_bytes
+
     # -- rate -------------------------------------------------------------------------------
     def set_rate(self, rate_bps: float) -> None:
         """New total rate in bits/s (0 = unlimited), from any thread; effective at once."""
@@ -73,8 +85,7 @@ class SharedPacer:
             self._rate = rate
             self._quantum = self._quantum_for(rate)
             self._cond.notify_all()
-            socks = list(self._socks)
-        self._apply(socks)
+            self._apply()
 
     # -- sockets ----------------------------------------------------------------------------
     def attach(self, sock: socket.socket) -> None:
@@ -82,38 +93,57 @@ class SharedPacer:
         with self._cond:
             if sock not in self._socks:
                 self._socks.append(sock)
-            socks = list(self._socks)
-        self._apply(socks)
+            self._apply()
 
     def detach(self, sock: socket.socket) -> None:
         """A socket that no longer carries data: the others get its share."""
         with self._cond:
             if sock in self._socks:
                 self._socks.remove(sock)
-            socks = list(self._socks)
-        self._apply(socks)
+            self._busy.discard(sock)
+            self._applied.pop(sock, None)
+            self._apply()
+
+    def set_busy(self, socks) -> None:
+        """The sockets that have work queued now share the rate (all attached ones if none
+        has): at the end of a transfer the last busy streams are not held to a share
+        sized for streams that have nothing left to send."""
+        with self._cond:
+            busy = {s for s in socks if s in self._socks}
+            if busy != self._busy:
+                self._busy = busy
+                self._apply()
 
     def share(self) -> int:
         """SO_MAX_PACING_RATE per socket now, in bytes/s (0: not paced)."""
         with self._cond:
-            n = len(self._socks)
-        return int(self._rate / 8 / max(1, n) * SHARE_HEADROOM) if self._rate else 0
+            return self._share()
 
-    def _apply(self, socks: list[socket.socket]) -> None:
-        if not socks:
-            return
+    def _share(self) -> int:
+        if not self._rate:
+            return 0
+        n = len(self._busy) or len(self._socks)
+        return max(1000, min(int(self._rate / 8 / max(1, n) * SHARE_HEADROOM), 2**31 - 1))
+
+    def _apply(self) -> None:
+        """(Lock held.)  Give every socket its kernel pacing rate and not-sent low-water mark:
+        while paced, ``sendall`` returns only when the socket has little unsent data, so
+        bytes the bucket lets go are bytes on the wire, not a backlog (after TCP slow start
+        or a stall) that a socket would later drain above the rate."""
         if self._rate:
-            value = max(1000, min(int(self._rate / 8 / len(socks) * SHARE_HEADROOM), 2**31 - 1))
-            self._kernel_paced = True
-        elif self._kernel_paced:
-            value = _UNPACED
+            want = (self._share(), max(MIN_NOTSENT, self._quantum))
         else:
-            return
-        for s in socks:
+            want = (_UNPACED, _UNPACED)
+        for s in self._socks:
+            have = self._applied.get(s)
+            if have == want or (have is None and want[0] == _UNPACED):
+                continue
             try:
-                set_pacing(s, value)
+                set_pacing(s, want[0])
+                s.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, want[1])
             except OSError:  # closed under us: its pump reports it
-                pass
+                continue
+            self._applied[s] = want
 
     # -- pumps --------------------------------------------------------------------------------
     def acquire(self, nbytes: int) -> None:

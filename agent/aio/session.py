@@ -231,6 +231,8 @@ class SenderSession(_Driver):
                     break
                 pump.queued += 1
                 pump.jobs.put(job)
+        if self.pacer.rate_bps:
+            self.pacer.set_busy([p.sock for p in self.pumps.values() if p.queued])
         self._flush(core)
         while (ev := core.next_event()) is not None:
             if isinstance(ev, FileCompleted):

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from agent.aio.client import copy
-from agent.aio.pacing import SHARE_HEADROOM, SharedPacer
+from agent.aio.pacing import SHARE_HEADROOM, TCP_NOTSENT_LOWAT, SharedPacer
 from agent.aio.pumps import SO_MAX_PACING_RATE
 from agent.config import TransferOptions
 from agent.errors import ConfigError
@@ -95,6 +95,12 @@ def test_every_socket_gets_its_fair_share_times_headroom_and_follows_rate_change
         assert all(_pacing(s) == int(50e6 / 4 * SHARE_HEADROOM) for s in socks)
         p.detach(socks[3])  # a lost stream: the others take its share
         assert all(_pacing(s) == int(50e6 / 3 * SHARE_HEADROOM) for s in socks[:3])
+        p.set_busy(socks[:2])  # the end of a transfer: only two streams have work left
+        assert all(_pacing(s) == int(50e6 / 2 * SHARE_HEADROOM) for s in socks[:2])
+        p.set_busy([])
+        assert all(_pacing(s) == int(50e6 / 3 * SHARE_HEADROOM) for s in socks[:3])
+        # a paced socket keeps little unsent data: what the bucket grants leaves the host
+        assert all(s.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == p.quantum for s in socks[:3])
         p.set_rate(0)
         assert all(_pacing(s) in (-1, 0xFFFFFFFF) for s in socks[:3])  # unpaced again
         with pytest.raises(ConfigError):
