@@ -55,6 +55,10 @@ __all__ = [
     "decision_to_proto",
     "decision_from_proto",
     "release_from_proto",
+    "release_response",
+    "change_rate_response",
+    "heartbeat_response",
+    "list_filter_from_proto",
     "error_to_status",
 ]
 
@@ -225,6 +229,30 @@ def release_from_proto(msg: pb.ReleaseReservationRequest) -> tuple[str, State, s
     if not outcome.released:
         raise InvalidRequestError("outcome must be DONE, FAILED or CANCELLED", msg.outcome)
     return msg.id, outcome, msg.reason
+
+
+def release_response(released: Reservation, admitted: list[Reservation]) -> pb.ReleaseReservationResponse:
+    return pb.ReleaseReservationResponse(reservation=reservation_to_proto(released),
+                                         admitted=[reservation_to_proto(r) for r in admitted])
+
+
+def change_rate_response(changed: Reservation, admitted: list[Reservation]) -> pb.ChangeRateResponse:
+    return pb.ChangeRateResponse(reservation=reservation_to_proto(changed),
+                                 admitted=[reservation_to_proto(r) for r in admitted])
+
+
+def heartbeat_response(agent: Agent, reservations: list[Reservation]) -> pb.HeartbeatResponse:
+    """The renewed lease and the agent's unreleased reservations (how it learns of admissions
+    and rate changes)."""
+    return pb.HeartbeatResponse(lease_expires=seconds_to_timestamp(agent.lease_expires),
+                                reservations=[reservation_to_proto(r) for r in reservations
+                                              if not r.state.released])
+
+
+def list_filter_from_proto(msg: pb.ListReservationsRequest) -> tuple[str | None, frozenset[State] | None]:
+    """(agent, states) for ``Ledger.reservations``; empty fields mean no filter."""
+    states = frozenset(state_from_proto(s) for s in msg.states)
+    return msg.agent or None, states or None
 
 
 # ------------------------------------------------------------------- errors

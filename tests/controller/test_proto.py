@@ -136,6 +136,33 @@ def test_reservations_and_decisions_round_trip_through_the_wire():
         assert convert.reservation_from_proto(_wire(convert.reservation_to_proto(r))) == r
 
 
+def test_a_servicer_round_trip_through_the_adapter():
+    """What the ControllerService servicer will do, minus the server: messages in, ledger, messages out."""
+    ledger = Ledger(LedgerConfig(lease_timeout=30.0))
+    ledger.add_link("A>B", "A", "B", 10_000)
+    for name, site in (("a1", "A"), ("b1", "B")):
+        ledger.register(convert.registration_from_proto(
+            pb.RegisterAgentRequest(name=name, site=site, link_capacity_bps=10_000)), now=100.0)
+    first = ledger.request(convert.spec_from_proto(pb.ReservationSpec(
+        source_agent="a1", destination_agent="b1", rate_bps=8000, wait=True)), now=101.0).reservation
+    waiter = ledger.request(convert.spec_from_proto(pb.ReservationSpec(
+        source_agent="a1", destination_agent="b1", rate_bps=4000, wait=True)), now=101.0).reservation
+    msg = _wire(convert.change_rate_response(*ledger.change_rate(first.id, 6000, now=102.0)))
+    assert msg.reservation.rate_bps == 6000 and [r.id for r in msg.admitted] == [waiter.id]
+    beat = _wire(convert.heartbeat_response(ledger.heartbeat("b1", now=103.0), ledger.reservations(agent="b1")))
+    assert convert.timestamp_to_seconds(beat.lease_expires) == 133.0
+    assert [(r.id, r.rate_bps) for r in beat.reservations] == [(first.id, 6000), (waiter.id, 4000)]
+    rid, outcome, reason = convert.release_from_proto(
+        pb.ReleaseReservationRequest(id=first.id, outcome=pb.RESERVATION_STATE_DONE))
+    admitted = ledger.release(rid, outcome, now=104.0, reason=reason)
+    msg = _wire(convert.release_response(ledger.get(rid), admitted))
+    assert msg.reservation.state == pb.RESERVATION_STATE_DONE and list(msg.admitted) == []
+    agent, states = convert.list_filter_from_proto(
+        pb.ListReservationsRequest(agent="a1", states=[pb.RESERVATION_STATE_RESERVED]))
+    assert [r.id for r in ledger.reservations(agent=agent, states=states)] == [waiter.id]
+    assert convert.list_filter_from_proto(pb.ListReservationsRequest()) == (None, None)
+
+
 def test_release_request_and_states():
     rid, outcome, reason = convert.release_from_proto(
         _wire(pb.ReleaseReservationRequest(id="r7", outcome=pb.RESERVATION_STATE_CANCELLED, reason="user")))
