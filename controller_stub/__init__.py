@@ -4,9 +4,9 @@ edges (``store``, ``topology``); ``convert`` is the adapter to the generated gRP
 messages and is imported on its own (it needs grpcio).  The gRPC service is not built yet.
 """
 
-from controller_stub.errors import *
+from controller_stub.errors import *  # noqa: F403
 from controller_stub.errors import __all__ as _errors_all
-from controller_stub.ledger import *
+from controller_stub.ledger import *  # noqa: F403
 from controller_stub.ledger import __all__ as _ledger_all
 from controller_stub.store import LedgerStore
 from controller_stub.topology import Topology, load_topology, parse_topology
