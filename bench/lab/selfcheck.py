@@ -83,8 +83,9 @@ def check_path(lab: Lab, src: str, dst: str, link: str | None = None,
         # Serialising two ~88-byte probes at the cap adds a little to the asked RTT.
         expected = rtt + (2 * 88 * 8 / rate if rate else 0)
         ok = measured is not None and abs(measured - expected) <= max(TOLERANCE * expected, 0.0005)
+        low = f"{r['rtt_min_s'] * 1e3:.2f} ms" if r["rtt_min_s"] else "none"
         results.append(CheckResult(name, "rtt_s", expected, measured, TOLERANCE, ok,
-                                   f"{r['received']}/{r['sent']} echoes, min {r['rtt_min_s']}"))
+                                   f"{r['received']}/{r['sent']} echoes, min {low}"))
 
     if "rate" in checks and rate:
         seconds = 2.0

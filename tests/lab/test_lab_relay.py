@@ -12,10 +12,9 @@ import time
 
 import pytest
 
-from bench.lab.__main__ import resolve
 from bench.lab.lab import Lab, netem_available
 from bench.lab.selfcheck import PROBE, check_path
-from bench.lab.topology import Host, Link, LinkSpec, Topology
+from bench.lab.topology import Host, Link, LinkSpec, Switch, Topology
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("need_lab")]
 
@@ -46,9 +45,16 @@ def test_rate_delay_and_loss_are_what_was_asked() -> None:
 
 
 def test_a_star_applies_both_spokes() -> None:
-    with Lab(resolve("fanout-8")) as lab:
-        results = check(lab, "src", "r8", checks=("rtt", "rate"))
-    assert results[0].asked == pytest.approx(0.010, rel=0.01)
+    # fanout-8's shape with longer spokes: 5% of a 10 ms RTT is 0.5 ms, less than a
+    # Python probe's wake-up jitter when other jobs load the two cores.
+    hosts = (Host("src"), Host("r1"), Host("r2"))
+    links = (Link("src", "src", "core", LinkSpec(100e6, 0.010)),
+             Link("r1", "r1", "core", LinkSpec(100e6, 0.010)),
+             Link("r2", "r2", "core", LinkSpec(50e6, 0.005)))
+    with Lab(Topology("star", hosts, links, switches=(Switch("core"),))) as lab:
+        results = check(lab, "src", "r1", checks=("rtt", "rate"))
+        results += check(lab, "src", "r2", port=45200, checks=("rtt", "rate"))
+    assert [r.asked for r in results] == pytest.approx([0.040, 100e6, 0.030, 50e6], rel=0.01)
     assert all(r.ok for r in results), describe(results)
 
 
@@ -84,11 +90,11 @@ def test_jitter_spreads_delay_but_never_reorders() -> None:
     # Mean RTT stays 40 ms; single samples spread over [30, 50] ms.
     assert rtt.ok, describe([rtt])
     assert rtt.detail.split()[0] == "30/30"
-    assert float(rtt.detail.split()[-1]) < 0.038, "jitter did not spread the RTT"
+    assert float(rtt.detail.split()[-2]) < 38.0, "jitter did not spread the RTT"
 
 
 def test_a_link_goes_down_and_comes_back() -> None:
-    with Lab(two_hosts(LinkSpec(rate_bps=100e6, delay_s=0.005))) as lab:
+    with Lab(two_hosts(LinkSpec(rate_bps=100e6, delay_s=0.020))) as lab:
         lab.set_link("l", False)
         (down,) = check_path(lab, "a", "b", checks=("rtt",))
         lab.set_link("l", True)
