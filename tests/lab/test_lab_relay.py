@@ -14,7 +14,7 @@ import pytest
 
 from bench.lab.lab import Lab, netem_available
 from bench.lab.selfcheck import PROBE, check_path
-from bench.lab.topology import Host, Link, LinkSpec, Switch, Topology
+from bench.lab.topology import Host, Link, LinkSpec, Switch, Topology, parse_topology
 
 pytestmark = [pytest.mark.root, pytest.mark.usefixtures("need_lab")]
 
@@ -103,6 +103,22 @@ def test_a_link_goes_down_and_comes_back() -> None:
     assert down.measured is None and not down.ok, "echoes crossed a link that was down"
     assert back.ok, describe([back])
     assert any(p["ingress"]["drop_down"] or p["egress"]["drop_down"] for p in stats["ports"])
+
+
+def test_timed_events_take_the_link_down_and_up_on_schedule() -> None:
+    topo = parse_topology(
+        '[[host]]\nname = "a"\n[[host]]\nname = "b"\n'
+        '[[link]]\nname = "l"\na = "a"\nb = "b"\ndelay = "1ms"\n'
+        '[[event]]\nat = "0.3s"\nlink = "l"\naction = "down"\n'
+        '[[event]]\nat = "0.8s"\nlink = "l"\naction = "up"\n'
+    )
+    with Lab(topo) as lab:
+        lab.start_clock()
+        time.sleep(1.2)
+        log = list(lab.event_log)
+    assert [e["up"] for e in log] == [False, True]
+    assert log[0]["t"] == pytest.approx(0.3, abs=0.1)
+    assert log[1]["t"] == pytest.approx(0.8, abs=0.1)
 
 
 def test_the_relay_is_not_the_bottleneck() -> None:
