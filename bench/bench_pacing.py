@@ -289,12 +289,15 @@ def start_server(target, work: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError(f"dxa serve did not start; see {work / f'serve-{target.name}.log'}")
 
 
-def run_cp(target, work: Path, port: int, server_pid: int, rate: int, seconds: float, streams: int) -> RunResult:
-    res = RunResult(target.name, rate)
-    src = work / "src.bin"
+def run_cp(target, work: Path, port: int, server_pid: int, rate: int, seconds: float, streams: int,
+           pull: bool = False) -> RunResult:
+    res = RunResult(f"{target.name}, {'pull' if pull else 'push'}", rate)
+    (work / "root" / "in").mkdir(parents=True, exist_ok=True)
+    src = work / "root" / "in" / "src.bin" if pull else work / "src.bin"
     make_file(src, int(rate / 8 * seconds))
+    remote = f"dxa://{target.host}:{port}/in/src.bin"
     argv = [*dxa(), "cp", "--rate", str(rate), "--compress", "off", "--streams", str(streams), "-q", "--json",
-            str(src), f"dxa://{target.host}:{port}/in/src.bin"]
+            *((remote, str(work / "pulled.bin")) if pull else (str(src), remote))]
     sampler = Sampler(*target.dev(server_pid), target.header)
     sampler.start()
     try:
@@ -306,7 +309,8 @@ def run_cp(target, work: Path, port: int, server_pid: int, rate: int, seconds: f
         res.error = f"dxa cp exited {p.returncode}: {err.decode()[-300:]}"
     with contextlib.suppress(ValueError):
         res.cp_json = json.loads(out)
-    src.unlink()
+    src.unlink(missing_ok=True)
+    (work / "pulled.bin").unlink(missing_ok=True)
     shutil.rmtree(work / "root" / "in", ignore_errors=True)
     res.samples = samples  # type: ignore[attr-defined]
     return analyse(res, samples)
@@ -396,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="200M,500M", help="rates to hold, bits/s (default 200M,500M)")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per run (the file is sized for it)")
     ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--pull-rates", default="200M",
+                    help="rates to hold pulling (the server paces, from HELLO); loopback only (default 200M)")
     ap.add_argument("--change", default="500M,200M,500M",
                     help="rates for the library run, one step of --step seconds each (default 500M,200M,500M)")
     ap.add_argument("--step", type=float, default=4.0)
@@ -426,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rates = [parse_rate(r) for r in a.rates.split(",") if r]
     change_rates = [parse_rate(r) for r in a.change.split(",") if r]
+    pull_rates = [parse_rate(r) for r in a.pull_rates.split(",") if r]
     work = a.workdir or Path(tempfile.mkdtemp(prefix="dxa-pacing-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DXA_HOME=str(work / "home"), PYTHONPATH=str(REPO))
@@ -449,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                 for r in rates:
                     print(f"[{target.name}] dxa cp --rate {r} ...", file=sys.stderr)
                     runs.append(run_cp(target, work, port, server.pid, r, a.seconds, a.streams))
+                for r in pull_rates if target.name == "loopback" else []:
+                    print(f"[{target.name}] dxa cp --rate {r} (pull) ...", file=sys.stderr)
+                    runs.append(run_cp(target, work, port, server.pid, r, a.seconds, a.streams, pull=True))
                 if not a.no_change and len(change_rates) > 1:
                     print(f"[{target.name}] library set_rate {change_rates} ...", file=sys.stderr)
                     changes.append(run_change(target, work, port, server.pid, change_rates, a.step, a.streams))
