@@ -53,7 +53,7 @@ class SharedPacer:
         self._socks: list[socket.socket] = []
         self._busy: set[socket.socket] = set()
         self._applied: dict[socket.socket, tuple[int, int]] = {}  # (pacing rate, notsent lowat) set
-        self._closed = False
+        self._generation = 0  # bumped by release(): pumps waiting then give up waiting
 
     @staticmethod
     def _burst(rate_bps: float) -> float:
@@ -153,7 +153,8 @@ class SharedPacer:
         with self._cond:
             pacer, clock = self._pacer, self._clock
             ticket = pacer.take(nbytes, clock())
-            while not self._closed:
+            generation = self._generation
+            while generation == self._generation:
                 delay = pacer.wait_time(ticket, clock())
                 if delay <= 0:
                     return
@@ -173,8 +174,13 @@ class SharedPacer:
             sock.sendall(piece)
             off += len(piece)
 
-    def close(self) -> None:
-        """Wake every waiting pump for good (the session is over)."""
+    def release(self) -> None:
+        """The session is over: wake every pump waiting now and forget the sockets.
+
+        The pacer stays usable: a caller may hand it to the next transfer (a resume)."""
         with self._cond:
-            self._closed = True
+            self._generation += 1
             self._cond.notify_all()
+            self._socks.clear()
+            self._busy.clear()
+            self._applied.clear()

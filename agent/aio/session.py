@@ -261,7 +261,7 @@ class SenderSession(_Driver):
         finally:
             for pump in self.pumps.values():
                 pump.stop()
-            self.pacer.close()
+            self.pacer.release()
             await self._finish()
             self.reader.close()
         c = self.core

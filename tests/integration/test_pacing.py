@@ -125,13 +125,19 @@ def test_set_rate_from_another_thread_wakes_a_waiting_pump():
     assert done.wait(5)
 
 
-def test_close_releases_waiting_pumps():
+def test_release_wakes_waiting_pumps_and_the_pacer_stays_usable():
     p = SharedPacer(8_000)
     done = threading.Event()
     threading.Thread(target=lambda: (p.acquire(1_000_000), done.set()), daemon=True).start()
     assert not done.wait(0.1)
-    p.close()
+    p.release()  # the session ended
     assert done.wait(5)
+    # handed to the next transfer (a resume), it still paces: 1 MB more at 1 kB/s waits
+    again = threading.Event()
+    threading.Thread(target=lambda: (p.acquire(1_000), again.set()), daemon=True).start()
+    assert not again.wait(0.2)
+    p.release()
+    assert again.wait(5)
 
 
 def test_unlimited_pacer_sends_in_one_call():
