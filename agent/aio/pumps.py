@@ -19,6 +19,8 @@ from agent.core import ChunkJob
 from agent.errors import DxaError, IntegrityError, RemoteProtocolError
 from agent.wire import (
     DATA_HEADER_LEN,
+    FLAG_COMPRESSED,
+    FLAG_ENCRYPTED,
     FRAME_OVERHEAD,
     PREFIX_LEN,
     FrameType,
@@ -173,12 +175,22 @@ class SendPump(threading.Thread):
         self.jobs.put(None)
 
 
+def _unmap(m) -> None:
+    try:
+        m.close()
+    except BufferError:  # a view is still alive somewhere: the mapping goes when it does
+        pass
+
+
 class ReceivePump(threading.Thread):
     """Reads DATA frames, opens and verifies them, writes them at their offset."""
 
     def __init__(self, stream: int, sock: socket.socket, opener: Opener, check_header: Callable,
-                 write: Callable | None, max_frame: int, post: Callable, on_result: Callable) -> None:
+                 write: Callable | None, max_frame: int, post: Callable, on_result: Callable,
+                 map_chunk: Callable | None = None, map_failed: Callable | None = None) -> None:
         super().__init__(name=f"dxa-recv-{stream}", daemon=True)
+        self._map = map_chunk  # decrypt straight into the file's page cache (ReceiverStore.map_chunk)
+        self._map_failed = map_failed
         self.stream = stream
         self.sock = sock
         self._opener = opener
@@ -220,14 +232,30 @@ class ReceivePump(threading.Thread):
             header = bytes(prefix) + bytes(body[: DATA_HEADER_LEN - PREFIX_LEN])
             hdr = decode_data_header(header)
             self._check(hdr)
-            if len(self._pbuf) < hdr.payload_len:
+            target = None
+            if self._map is not None and hdr.flags & FLAG_ENCRYPTED and not hdr.flags & FLAG_COMPRESSED:
+                try:
+                    target = self._map(hdr.file_id, hdr.offset, hdr.plain_len)
+                except DxaError as exc:
+                    self._post(self._on_result, self, "storage", hdr, exc, hdr.payload_len)
+                    return
+            if target is None and len(self._pbuf) < hdr.payload_len:
                 self._pbuf = bytearray(hdr.payload_len)
+            plain = None
             try:
-                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :], out=self._pbuf)
+                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :],
+                                          out=self._pbuf if target is None else target)
             except IntegrityError as exc:
+                if target is not None and self._map_failed is not None:
+                    self._map_failed(hdr.file_id, hdr.offset)
                 self._post(self._on_result, self, "rejected", hdr, str(exc), hdr.payload_len)
                 continue
-            if self._write is not None:
+            finally:
+                if target is not None:
+                    if isinstance(plain, memoryview):
+                        plain.release()
+                    _unmap(target)
+            if target is None and self._write is not None:
                 try:
                     self._write(hdr.file_id, hdr.offset, plain)
                 except DxaError as exc:

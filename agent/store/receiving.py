@@ -9,6 +9,7 @@ Thread-safe: chunk writes come from several pump threads at once.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import threading
@@ -60,7 +61,7 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
 
 
 class _Open:
-    __slots__ = ("fd", "parent", "name", "dest", "entry", "dirty", "wlock")
+    __slots__ = ("fd", "parent", "name", "dest", "entry", "dirty", "wlock", "mapped")
 
     def __init__(self, fd: int, parent: int, name: str, dest: str, entry: ManifestEntry) -> None:
         self.fd, self.parent, self.name, self.dest, self.entry = fd, parent, name, dest, entry
@@ -68,6 +69,9 @@ class _Open:
         # writes to one file serialize on the inode lock anyway; waiting here sleeps instead
         # of spinning in the kernel (measured: less receiver CPU with 4+ streams)
         self.wlock = threading.Lock()
+        # chunks decrypted in place (or already verified): never map them again, so a
+        # corrupt duplicate can only ever land in a private buffer (see map_chunk)
+        self.mapped: set[int] = set()
 
 
 class ReceiverStore:
@@ -135,6 +139,11 @@ class ReceiverStore:
                 return PlanEntry(e.file_id, ACTION_SKIP)
             fd = os.open(part_name(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
             self._open[e.file_id] = _Open(fd, parent, name, dest, e)
+            try:  # full (sparse) size from the start: map_chunk needs every chunk inside the file
+                if os.fstat(fd).st_size != e.size:
+                    os.ftruncate(fd, e.size)
+            except OSError as exc:
+                raise _storage_error(exc, f"sizing {rel}") from None
             if rec is not None and not rec.complete and rec.same_source(e.size, e.mtime_ns, e.chunk_size) and rec.chunks:
                 claimed = sorted((i, d) for i, d in rec.chunks.items() if i < e.chunks)
                 have = _reverify(fd, e, claimed)
@@ -142,10 +151,12 @@ class ReceiverStore:
                     bad = sorted({i for i, _ in claimed} - {i for i, _ in have})
                     self.journal.drop_chunks(dest, bad)
                 if have:
+                    self._open[e.file_id].mapped.update(i for i, _ in have)
                     return PlanEntry(e.file_id, ACTION_RESUME, have)
             self.journal.start(dest, e.size, e.mtime_ns, e.chunk_size)
-            try:
+            try:  # a new source version: no byte of an older one survives
                 os.ftruncate(fd, 0)
+                os.ftruncate(fd, e.size)
             except OSError as exc:
                 raise _storage_error(exc, f"truncating {rel}") from None
         return PlanEntry(e.file_id, ACTION_SEND)
@@ -184,6 +195,45 @@ class ReceiverStore:
         except OSError as exc:
             raise _storage_error(exc, f"writing {f.entry.relpath}") from None
         f.dirty = True
+
+    def map_chunk(self, file_id: int, offset: int, length: int) -> mmap.mmap | None:
+        """A writable mapping of one chunk's place in the partial file, or None when the
+        chunk cannot be mapped (offset not page-aligned, empty).
+
+        The receive pump decrypts straight into it: the plaintext lands in the page cache
+        without the extra copy of ``pwrite`` (measured: about half the receiver's CPU per
+        byte on this VM).  The range is ``posix_fallocate``d first, so a full disk is an
+        ENOSPC here and never a SIGBUS later.  A chunk that then fails its check leaves
+        unverified bytes in the partial file; they are never counted (not ACKed, not
+        journaled; the caller reports it with :meth:`map_failed`) and the resend overwrites
+        them.  Each chunk is mapped at most once until then: a duplicate of a chunk being
+        decrypted in place or already verified gets None and goes through a private
+        buffer, so it can never overwrite good bytes with bad ones.
+        """
+        f = self._open.get(file_id)
+        if f is None:
+            raise StorageError(errno.EBADF, f"file {file_id} is not open for writing")
+        if length <= 0 or offset % mmap.ALLOCATIONGRANULARITY:
+            return None
+        index = offset // f.entry.chunk_size
+        with f.wlock:
+            if index in f.mapped:
+                return None
+            f.mapped.add(index)
+        try:
+            os.posix_fallocate(f.fd, offset, length)
+            m = mmap.mmap(f.fd, length, offset=offset)
+        except OSError as exc:
+            raise _storage_error(exc, f"writing {f.entry.relpath}") from None
+        f.dirty = True
+        return m
+
+    def map_failed(self, file_id: int, offset: int) -> None:
+        """The chunk decrypted in place failed its check: its place may be mapped again."""
+        f = self._open.get(file_id)
+        if f is not None:
+            with f.wlock:
+                f.mapped.discard(offset // f.entry.chunk_size)
 
     def record(self, file_id: int, chunk: int, digest: bytes) -> None:
         f = self._open.get(file_id)
