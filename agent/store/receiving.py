@@ -36,6 +36,9 @@ def part_name(name: str) -> str:
     return f".{name}.dxa-part"
 
 
+MAP_MIN = 256 << 10  # below this, fallocate + mmap + munmap cost more than the copy they save
+
+
 def _reverify(fd: int, e: ManifestEntry, claimed: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
     """Keep only the journal's chunks whose bytes in the partial file still hash right.
 
@@ -139,9 +142,9 @@ class ReceiverStore:
                 return PlanEntry(e.file_id, ACTION_SKIP)
             fd = os.open(part_name(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
             self._open[e.file_id] = _Open(fd, parent, name, dest, e)
-            try:  # full (sparse) size from the start: map_chunk needs every chunk inside the file
-                if os.fstat(fd).st_size != e.size:
-                    os.ftruncate(fd, e.size)
+            mappable = e.chunk_size >= MAP_MIN  # map_chunk needs the whole file to exist (sparse)
+            try:
+                part_size = os.fstat(fd).st_size
             except OSError as exc:
                 raise _storage_error(exc, f"sizing {rel}") from None
             if rec is not None and not rec.complete and rec.same_source(e.size, e.mtime_ns, e.chunk_size) and rec.chunks:
@@ -152,11 +155,18 @@ class ReceiverStore:
                     self.journal.drop_chunks(dest, bad)
                 if have:
                     self._open[e.file_id].mapped.update(i for i, _ in have)
+                    try:
+                        if mappable and part_size != e.size:
+                            os.ftruncate(fd, e.size)
+                    except OSError as exc:
+                        raise _storage_error(exc, f"sizing {rel}") from None
                     return PlanEntry(e.file_id, ACTION_RESUME, have)
             self.journal.start(dest, e.size, e.mtime_ns, e.chunk_size)
             try:  # a new source version: no byte of an older one survives
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, e.size)
+                if part_size:
+                    os.ftruncate(fd, 0)
+                if mappable and e.size:
+                    os.ftruncate(fd, e.size)
             except OSError as exc:
                 raise _storage_error(exc, f"truncating {rel}") from None
         return PlanEntry(e.file_id, ACTION_SEND)
@@ -198,7 +208,7 @@ class ReceiverStore:
 
     def map_chunk(self, file_id: int, offset: int, length: int) -> mmap.mmap | None:
         """A writable mapping of one chunk's place in the partial file, or None when the
-        chunk cannot be mapped (offset not page-aligned, empty).
+        chunk is better written with ``pwrite`` (small, or offset not page-aligned).
 
         The receive pump decrypts straight into it: the plaintext lands in the page cache
         without the extra copy of ``pwrite`` (measured: about half the receiver's CPU per
@@ -213,7 +223,7 @@ class ReceiverStore:
         f = self._open.get(file_id)
         if f is None:
             raise StorageError(errno.EBADF, f"file {file_id} is not open for writing")
-        if length <= 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        if length < MAP_MIN or offset % mmap.ALLOCATIONGRANULARITY:
             return None
         index = offset // f.entry.chunk_size
         with f.wlock:
@@ -221,6 +231,10 @@ class ReceiverStore:
                 return None
             f.mapped.add(index)
         try:
+            if os.fstat(f.fd).st_size < offset + length:  # never map past the end (SIGBUS)
+                with f.wlock:
+                    f.mapped.discard(index)
+                return None
             os.posix_fallocate(f.fd, offset, length)
             m = mmap.mmap(f.fd, length, offset=offset)
         except OSError as exc:

@@ -9,7 +9,7 @@ from agent.store.receiving import ReceiverStore, part_name
 from agent.store.safepath import SafeRoot
 from agent.wire import ACTION_RESUME, ACTION_SEND, ManifestEntry, chunk_digest
 
-CS = 64 << 10
+CS = 256 << 10
 
 
 def _store(tmp_path):
@@ -33,6 +33,7 @@ def test_a_chunk_is_mapped_once_until_it_fails(tmp_path):
     assert m is not None
     m.close()
     assert store.map_chunk(0, 100, CS) is None  # not page aligned: the pwrite path
+    assert store.map_chunk(0, 2 * CS, 4096) is None  # small: the pwrite path
     store.close()
     journal.close()
 
