@@ -306,14 +306,14 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("loopback-2g", "one 2 GiB file on loopback", "loopback", 2 * GiB, 256 * MiB,
                  runner=run_point_to_point),
-        Scenario("wan", "50 ms RTT, 0.1% loss, 300 Mbit/s bottleneck", "wan", 1 * GiB,
+        Scenario("wan", "50 ms RTT, 0.1% loss, 300 Mbit/s bottleneck", "wan", 2 * GiB,
                  64 * MiB, runner=run_point_to_point),
-        Scenario("lossy", "50 ms RTT, 1% loss, 300 Mbit/s", "lossy", 384 * MiB, 32 * MiB,
+        Scenario("lossy", "50 ms RTT, 1% loss, 300 Mbit/s", "lossy", 256 * MiB, 32 * MiB,
                  runner=run_point_to_point),
         Scenario("small-files", "10,000 files of 16 KiB over the wan link", "wan", 16 * KiB,
                  16 * KiB, files=10_000, quick_files=500, runner=run_point_to_point),
         Scenario("two-paths", "200 Mbit/s at 40 ms RTT plus 100 Mbit/s at 80 ms RTT",
-                 "two-paths", 384 * MiB, 32 * MiB, runner=run_two_paths),
+                 "two-paths", 256 * MiB, 32 * MiB, runner=run_two_paths),
         Scenario("fanout-8", "one source, 8 receivers, 100 Mbit/s per link", "fanout-8",
                  64 * MiB, 8 * MiB, runner=run_fanout),
     )
