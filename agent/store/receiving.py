@@ -161,7 +161,8 @@ class ReceiverStore:
                     except OSError as exc:
                         raise _storage_error(exc, f"sizing {rel}") from None
                     return PlanEntry(e.file_id, ACTION_RESUME, have)
-            self.journal.start(dest, e.size, e.mtime_ns, e.chunk_size)
+            if e.chunks > 1:  # a one-chunk file resumes whole: only its completion is journaled
+                self.journal.start(dest, e.size, e.mtime_ns, e.chunk_size)
             try:  # a new source version: no byte of an older one survives
                 if part_size:
                     os.ftruncate(fd, 0)
@@ -251,7 +252,7 @@ class ReceiverStore:
 
     def record(self, file_id: int, chunk: int, digest: bytes) -> None:
         f = self._open.get(file_id)
-        if f is not None:
+        if f is not None and f.entry.chunks > 1:
             with self._lock:
                 self._pending.append((f.dest, chunk, digest))
 
