@@ -206,6 +206,9 @@ def test_errors_map_to_grpc_status_codes():
 
 
 def test_only_the_adapter_imports_generated_code():
+    # The generated package by name (agent._proto, or _proto imported from agent); the
+    # adapter's own function names (spec_from_proto...) may be used anywhere.
+    generated = re.compile(r"agent\._proto|from\s+agent\s+import\s+_proto|__import__|importlib")
     importers = [p.relative_to(REPO) for p in (REPO / "controller_stub").rglob("*.py")
-                 if "_proto" in p.read_text() and p.name != "convert.py"]
+                 if generated.search(p.read_text()) and p.name != "convert.py"]
     assert importers == []

@@ -133,3 +133,16 @@ def test_two_transfers_to_the_same_file_never_mix(tmp_path, server, identity):
     assert any("another transfer" in e for e in loser.errors)
     got = (server.root / "same" / "f.bin").read_bytes()
     assert got == (a / "f.bin").read_bytes() if ra.verified else got == (b / "f.bin").read_bytes()
+
+
+def test_fsync_mode_delivers_the_same_bytes(tmp_path, identity):
+    from tests.conftest import InProcessServer
+
+    srv = InProcessServer(tmp_path / "root", identity, fsync=True)
+    try:
+        src = make_tree(tmp_path / "src", files=6, big=(1 << 20) + 5)
+        res = run(copy([str(src)], srv.url("d"), identity=identity,
+                       options=TransferOptions.for_test(recursive=True, chunk_size=256 << 10)))
+        assert res.verified and same_tree(src, srv.root / "d")
+    finally:
+        srv.close()
