@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from agent._proto.dxa.controller.v1 import controller_pb2 as pb
+from agent._proto.dxa.controller.v1 import controller_pb2_grpc as pb_grpc
 from controller_stub.errors import (
     InsufficientCapacityError,
     InvalidRequestError,
@@ -60,7 +61,29 @@ __all__ = [
     "heartbeat_response",
     "list_filter_from_proto",
     "error_to_status",
+    # service plumbing and envelopes for controller_stub.server / controller_stub.client
+    "ControllerServicerBase",
+    "add_servicer_to_server",
+    "controller_stub",
+    "register_from_response",
+    "heartbeat_request",
+    "heartbeat_from_request",
+    "heartbeat_from_response",
+    "request_reservation_request",
+    "spec_from_request",
+    "start_request",
+    "start_from_request",
+    "start_response",
+    "start_from_response",
+    "release_to_proto",
+    "released_from_response",
+    "change_rate_request",
+    "change_rate_from_request",
+    "list_filter_to_proto",
+    "list_response",
+    "list_from_response",
 ]
+
 
 _STATES = {
     State.SUBMITTED: pb.RESERVATION_STATE_SUBMITTED,
@@ -277,3 +300,104 @@ def error_to_status(exc: LedgerError) -> grpc.StatusCode:
         if isinstance(exc, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+# ------------------------------------------------- service plumbing, envelopes
+#
+# controller_stub.server and controller_stub.client never touch generated code: the
+# servicer base class, the stub and every request/response envelope come from here.
+
+ControllerServicerBase = pb_grpc.ControllerServiceServicer
+"""Base class of the scheduler's servicer (one method per RPC of ControllerService)."""
+
+
+def add_servicer_to_server(servicer, server) -> None:
+    pb_grpc.add_ControllerServiceServicer_to_server(servicer, server)
+
+
+def controller_stub(channel) -> pb_grpc.ControllerServiceStub:
+    return pb_grpc.ControllerServiceStub(channel)
+
+
+def register_from_response(msg: pb.RegisterAgentResponse) -> tuple[Agent, float]:
+    """(the agent as registered, the lease timeout in seconds)."""
+    return agent_from_proto(msg.agent), msg.lease_timeout.ToNanoseconds() / 1e9
+
+
+def heartbeat_request(name: str) -> pb.HeartbeatRequest:
+    return pb.HeartbeatRequest(name=name)
+
+
+def heartbeat_from_request(msg: pb.HeartbeatRequest) -> str:
+    if not msg.name:
+        raise InvalidRequestError("agent name is required")
+    return msg.name
+
+
+def heartbeat_from_response(msg: pb.HeartbeatResponse) -> tuple[float, list[Reservation]]:
+    """(the new lease expiry, the agent's unreleased reservations)."""
+    return timestamp_to_seconds(msg.lease_expires), [reservation_from_proto(r) for r in msg.reservations]
+
+
+def request_reservation_request(req: ReservationRequest) -> pb.RequestReservationRequest:
+    return pb.RequestReservationRequest(spec=spec_to_proto(req))
+
+
+def spec_from_request(msg: pb.RequestReservationRequest) -> ReservationRequest:
+    if not msg.HasField("spec"):
+        raise InvalidRequestError("spec is required")
+    return spec_from_proto(msg.spec)
+
+
+def _id(msg) -> str:
+    if not msg.id:
+        raise InvalidRequestError("reservation id is required")
+    return msg.id
+
+
+def start_request(reservation_id: str) -> pb.StartReservationRequest:
+    return pb.StartReservationRequest(id=reservation_id)
+
+
+def start_from_request(msg: pb.StartReservationRequest) -> str:
+    return _id(msg)
+
+
+def start_response(r: Reservation) -> pb.StartReservationResponse:
+    return pb.StartReservationResponse(reservation=reservation_to_proto(r))
+
+
+def start_from_response(msg: pb.StartReservationResponse) -> Reservation:
+    return reservation_from_proto(msg.reservation)
+
+
+def release_to_proto(reservation_id: str, outcome: State, reason: str = "") -> pb.ReleaseReservationRequest:
+    if not outcome.released:
+        raise InvalidRequestError("outcome must be DONE, FAILED or CANCELLED", outcome)
+    return pb.ReleaseReservationRequest(id=reservation_id, outcome=state_to_proto(outcome), reason=reason)
+
+
+def released_from_response(msg: pb.ReleaseReservationResponse | pb.ChangeRateResponse
+                           ) -> tuple[Reservation, list[Reservation]]:
+    """(the reservation released or changed, the waiters admitted as a result)."""
+    return reservation_from_proto(msg.reservation), [reservation_from_proto(r) for r in msg.admitted]
+
+
+def change_rate_request(reservation_id: str, rate_bps: int) -> pb.ChangeRateRequest:
+    return pb.ChangeRateRequest(id=reservation_id, rate_bps=rate_bps)
+
+
+def change_rate_from_request(msg: pb.ChangeRateRequest) -> tuple[str, int]:
+    return _id(msg), msg.rate_bps
+
+
+def list_filter_to_proto(agent: str | None = None, states=None) -> pb.ListReservationsRequest:
+    return pb.ListReservationsRequest(agent=agent or "", states=[state_to_proto(s) for s in states or ()])
+
+
+def list_response(reservations: list[Reservation]) -> pb.ListReservationsResponse:
+    return pb.ListReservationsResponse(reservations=[reservation_to_proto(r) for r in reservations])
+
+
+def list_from_response(msg: pb.ListReservationsResponse) -> list[Reservation]:
+    return [reservation_from_proto(r) for r in msg.reservations]

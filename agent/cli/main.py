@@ -284,6 +284,55 @@ def cmd_bench(args) -> int:
     return EXIT_OK if res.bytes_verified else EXIT_INCOMPLETE
 
 
+def cmd_controller_serve(args) -> int:
+    """``dxa controller serve``: the scheduler's gRPC server (implemented in controller_stub.server)."""
+    import math
+
+    from controller_stub.errors import LedgerStoreError
+    from controller_stub.ledger import LedgerConfig
+    from controller_stub.server import ControllerServer, ListenError
+    from controller_stub.topology import load_topology
+
+    _setup_logging(args, daemon=True)
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen wants HOST:PORT, got {args.listen!r}")
+    if not (args.lease_timeout > 0 and math.isfinite(args.lease_timeout)):
+        raise ConfigError(f"--lease-timeout must be a positive number of seconds, got {args.lease_timeout}")
+    topology = load_topology(args.topology)
+    identity = _identity(args)
+    log = logging.getLogger("controller_stub.serve")
+    log.info("dxa %s controller, node %s, topology %s", __version__, identity.name, args.topology)
+
+    async def main() -> None:
+        server = ControllerServer(identity, topology, args.state, host=host.strip("[]"), port=int(port),
+                                  config=LedgerConfig(lease_timeout=args.lease_timeout))
+        await server.start()
+        try:
+            if args.port_file:
+                with open(args.port_file + ".tmp", "w") as fh:
+                    fh.write(str(server.port))
+                os.replace(args.port_file + ".tmp", args.port_file)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(main())
+    except LedgerStoreError as exc:
+        print(f"dxa: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    except ListenError as exc:
+        print(f"dxa: {exc}", file=sys.stderr)
+        return EXIT_NETWORK
+    return EXIT_OK
+
+
 # -- argument parsing --------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -368,6 +417,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("url", metavar="dxa://HOST:PORT", help="a running dxa serve")
     s.add_argument("--seconds", "-t", type=float, default=10.0, help="test duration (default 10)")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("controller", help="the bandwidth scheduler: dxa controller serve",
+                       description="The scheduler that agents register with and that grants, queues and releases "
+                                   "reservations of bandwidth on their path (docs/CONTROL.md).")
+    controller = s.add_subparsers(dest="controller_command", required=True, metavar="SUBCOMMAND")
+    s = controller.add_parser(
+        "serve", parents=[common], help="run the scheduler's gRPC server (ControllerService)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve dxa.controller.v1.ControllerService over gRPC with mutual TLS: the identity of\n"
+                    "$DXA_HOME (or --ca/--cert/--key) is the server's certificate, and a client must present\n"
+                    "a certificate signed by the same CA (others are refused during the handshake).\n\n"
+                    "Agents register and heartbeat; reservations are admitted, queued or refused by the\n"
+                    "ledger against the links of --topology plus the agents' own links. Every change is\n"
+                    "saved to the SQLite file --state before it is answered; a restarted server loads it\n"
+                    "(agents get a fresh lease) and re-applies the topology. Leases, windows and deadlines\n"
+                    "are checked in the background. Stops on SIGTERM/SIGINT.",
+        epilog="example:\n"
+               "  dxa controller serve --listen 0.0.0.0:7500 --topology topology.toml --state /var/lib/dxa/ledger.db\n\n"
+               "exit status:\n"
+               "  0 stopped by SIGTERM/SIGINT    2 bad usage, topology or identity\n"
+               "  4 cannot listen on the address 5 the state file cannot be read or written")
+    s.add_argument("--listen", metavar="HOST:PORT", required=True,
+                   help="address to listen on; port 0 picks a free one (see --port-file)")
+    s.add_argument("--topology", metavar="FILE", required=True,
+                   help="sites and backbone links in TOML (controller_stub/topology.example.toml)")
+    s.add_argument("--state", metavar="FILE", required=True,
+                   help="SQLite file holding agents and reservations (created if missing)")
+    s.add_argument("--port-file", metavar="FILE", help="write the bound port here once listening (useful with :0)")
+    s.add_argument("--lease-timeout", dest="lease_timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="an agent that does not heartbeat for this long loses its reservations (default 30)")
+    s.set_defaults(func=cmd_controller_serve)
     return p
 
 

@@ -1,0 +1,324 @@
+"""The scheduler's gRPC server (``dxa controller serve``): ControllerService over the ledger.
+
+A thin layer: each RPC reads the clock once, converts the request (``convert``), makes one
+ledger call, saves the whole ledger (``LedgerStore``) and only then answers, so an
+acknowledged registration, reservation, release or rate change survives a restart.
+The ledger is sans-I/O and not thread-safe; here it is owned by one asyncio event loop
+and every RPC runs its ledger call and its save without yielding, so calls never
+interleave.  A background task calls ``Ledger.tick`` when the ledger's next timer is due
+(and at least every ``tick_interval`` seconds): leases run out, windows end, waiters
+whose deadline passed fail, and the state is saved when anything changed.
+
+Transport: gRPC over mutual TLS with the ``dxa init`` identity (the node's certificate
+and key, the CA as the only trust anchor, client certificates required), so a client
+whose certificate comes from another CA is refused during the handshake.
+
+Errors: a ledger error is answered with ``convert.error_to_status`` and a readable
+message; trailing metadata ``dxa-error`` names the error class, and a raise that does not
+fit carries ``dxa-available-bps``.  A save that fails is answered ``UNAVAILABLE`` and the
+ledger is rolled back to the last state on disk, so the caller may retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from agent.errors import DxaError
+from agent.store.pki import Identity
+from controller_stub import convert
+from controller_stub.errors import (
+    DeadlineUnreachableError,
+    InsufficientCapacityError,
+    InvalidTransitionError,
+    LeaseExpiredError,
+    LedgerError,
+    LedgerStoreError,
+    NoRouteError,
+    RateAboveCapacityError,
+    UnknownAgentError,
+    UnknownLinkError,
+    UnknownReservationError,
+)
+from controller_stub.ledger import (
+    LeaseExpired,
+    Ledger,
+    LedgerConfig,
+    RateChanged,
+    ReservationAdmitted,
+    ReservationReleased,
+)
+from controller_stub.store import LedgerStore
+from controller_stub.topology import Topology
+
+__all__ = ["ControllerServer", "ControllerService", "ListenError", "describe_error"]
+
+log = logging.getLogger("controller_stub.server")
+
+
+class ListenError(DxaError):
+    """The server could not bind its listening address."""
+
+
+def describe_error(exc: LedgerError) -> str:
+    """A sentence for people (the gRPC status details)."""
+    if isinstance(exc, UnknownAgentError):
+        return f"unknown agent {exc.name!r}: it must register first"
+    if isinstance(exc, UnknownLinkError):
+        return f"unknown link {exc.link!r}"
+    if isinstance(exc, UnknownReservationError):
+        return f"no reservation {exc.reservation_id!r}"
+    if isinstance(exc, NoRouteError):
+        return f"no route from {exc.source!r} to {exc.destination!r}"
+    if isinstance(exc, LeaseExpiredError):
+        return f"agent {exc.name!r}: its lease expired; register again"
+    if isinstance(exc, RateAboveCapacityError):
+        return f"{exc.rate_bps} bit/s is above the capacity of link {exc.link!r} ({exc.capacity_bps} bit/s)"
+    if isinstance(exc, InsufficientCapacityError):
+        return (f"{exc.reservation_id}: {exc.rate_bps} bit/s does not fit on its path; "
+                f"at most {exc.available_bps} bit/s is available")
+    if isinstance(exc, InvalidTransitionError):
+        return f"{exc.reservation_id} is {exc.state}: cannot {exc.action}"
+    if isinstance(exc, DeadlineUnreachableError):
+        return "the deadline is already past or too close for the window"
+    words = [str(a) for a in exc.args]
+    return ": ".join(words) if words else type(exc).__name__
+
+
+def _event_text(event) -> str:
+    if isinstance(event, LeaseExpired):
+        return f"lease expired: agent {event.agent.name}"
+    r = event.reservation
+    if isinstance(event, ReservationAdmitted):
+        return f"admitted {r.id} {r.request.source}->{r.request.destination} at {r.rate_bps} bit/s"
+    if isinstance(event, ReservationReleased):
+        return f"released {r.id} as {r.state.value}" + (f" ({r.reason})" if r.reason else "")
+    if isinstance(event, RateChanged):
+        return f"rate of {r.id}: {event.old_rate_bps} -> {r.rate_bps} bit/s"
+    return f"{type(event).__name__} {r.id}"
+
+
+class ControllerService(convert.ControllerServicerBase):
+    """The servicer: owns the ledger and its store for the lifetime of the server."""
+
+    def __init__(self, ledger: Ledger, store: LedgerStore, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.store = store
+        self._clock = clock
+        self._last_now = -math.inf
+        self._saved = ledger.snapshot()
+        self._commit(self.now())
+
+    # ------------------------------------------------------------ plumbing
+
+    def now(self) -> float:
+        """The clock, never going backwards (the ledger's assumption)."""
+        self._last_now = max(self._last_now, self._clock())
+        return self._last_now
+
+    def _commit(self, now: float, *, always: bool = True) -> None:
+        """Save the ledger (always, or only when events show that something changed)."""
+        events = self.ledger.drain_events()
+        for event in events:
+            log.info("%s", _event_text(event))
+        if not (always or events):
+            return
+        snap = self.ledger.snapshot()
+        try:
+            self.store.save(snap)
+        except LedgerStoreError:
+            # Roll back to what is on disk: an unsaved change must not be acknowledged
+            # later by accident (agents that were live get a fresh lease, as on restart).
+            self.ledger = Ledger.restore(self._saved, now, self.ledger.config)
+            raise
+        self._saved = snap
+
+    async def _call(self, context, fn: Callable[[float], object], *, mutating: bool = True):
+        now = self.now()
+        try:
+            answer = fn(now)
+        except LedgerError as exc:
+            try:  # the ledger may have moved time on (expired a lease) before refusing
+                self._commit(now, always=False)
+            except LedgerStoreError as store_exc:
+                log.error("%s", store_exc)
+            metadata = [("dxa-error", type(exc).__name__)]
+            if isinstance(exc, InsufficientCapacityError):
+                metadata.append(("dxa-available-bps", str(exc.available_bps)))
+            await context.abort(convert.error_to_status(exc), describe_error(exc), trailing_metadata=tuple(metadata))
+        try:
+            self._commit(now, always=mutating)
+        except LedgerStoreError as exc:
+            log.error("%s", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the scheduler could not save its state, nothing "
+                                                             f"changed; retry later ({exc})")
+        return answer
+
+    def tick(self) -> None:
+        """Let time pass (leases, windows, deadlines) and save if anything changed."""
+        now = self.now()
+        self.ledger.tick(now)
+        self._commit(now, always=False)
+
+    # ------------------------------------------------------------ the RPCs
+
+    async def RegisterAgent(self, request, context):
+        def fn(now):
+            agent = self.ledger.register(convert.registration_from_proto(request), now)
+            log.info("registered agent %s at %s (%d bit/s)", agent.name, agent.site, agent.capacity_bps)
+            return convert.register_response(agent, self.ledger.config.lease_timeout)
+        return await self._call(context, fn)
+
+    async def Heartbeat(self, request, context):
+        def fn(now):
+            agent = self.ledger.heartbeat(convert.heartbeat_from_request(request), now)
+            return convert.heartbeat_response(agent, self.ledger.reservations(agent=agent.name))
+        return await self._call(context, fn)
+
+    async def RequestReservation(self, request, context):
+        def fn(now):
+            decision = self.ledger.request(convert.spec_from_request(request), now)
+            r = decision.reservation
+            log.info("request %s->%s: %s%s", request.spec.source_agent, request.spec.destination_agent,
+                     decision.outcome.value, f" {r.id} at {r.rate_bps} bit/s" if r else "")
+            return convert.decision_to_proto(decision)
+        return await self._call(context, fn)
+
+    async def StartReservation(self, request, context):
+        return await self._call(context, lambda now: convert.start_response(
+            self.ledger.start(convert.start_from_request(request), now)))
+
+    async def ReleaseReservation(self, request, context):
+        def fn(now):
+            rid, outcome, reason = convert.release_from_proto(request)
+            admitted = self.ledger.release(rid, outcome, now, reason)
+            return convert.release_response(self.ledger.get(rid), admitted)
+        return await self._call(context, fn)
+
+    async def ChangeRate(self, request, context):
+        def fn(now):
+            rid, rate = convert.change_rate_from_request(request)
+            return convert.change_rate_response(*self.ledger.change_rate(rid, rate, now))
+        return await self._call(context, fn)
+
+    async def ListReservations(self, request, context):
+        def fn(now):
+            agent, states = convert.list_filter_from_proto(request)
+            self.ledger.tick(now)  # show what is true now (expired leases, ended windows)
+            return convert.list_response(self.ledger.reservations(states=states, agent=agent))
+        return await self._call(context, fn, mutating=False)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        from agent.errors import ConfigError
+
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(identity: Identity) -> grpc.ServerCredentials:
+    """Mutual TLS: our certificate and key; clients must present one signed by our CA."""
+    return grpc.ssl_server_credentials([(_read(identity.key), _read(identity.cert))],
+                                       root_certificates=_read(identity.ca_cert), require_client_auth=True)
+
+
+class ControllerServer:
+    """The gRPC server, the ledger restored from ``state_path`` (or new), the ticker.
+
+    ``clock`` and ``config`` (the lease timeout) are injectable for tests.  The topology is
+    applied on every start, so a changed capacity takes effect (and may preempt).
+    """
+
+    def __init__(self, identity: Identity, topology: Topology, state_path: str | Path, *, host: str = "127.0.0.1",
+                 port: int = 0, config: LedgerConfig | None = None, clock: Callable[[], float] = time.time,
+                 tick_interval: float = 1.0) -> None:
+        self.identity = identity
+        self.topology = topology
+        self.state_path = Path(state_path)
+        self.host, self.port = host, port
+        self.config = config or LedgerConfig()
+        self.clock = clock
+        self.tick_interval = tick_interval
+        self.service: ControllerService | None = None
+        self._server: grpc.aio.Server | None = None
+        self._ticker: asyncio.Task | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        assert self.service is not None, "not started"
+        return self.service.ledger
+
+    async def start(self) -> int:
+        """Load or create the state, apply the topology, listen; return the bound port."""
+        credentials = server_credentials(self.identity)
+        store = LedgerStore(self.state_path)
+        try:
+            snap = store.load()
+            now = self.clock()
+            ledger = Ledger.restore(snap, now, self.config) if snap is not None else Ledger(self.config)
+            self.topology.apply(ledger, now)
+            self.service = ControllerService(ledger, store, self.clock)
+            server = grpc.aio.server()
+            convert.add_servicer_to_server(self.service, server)
+            address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+            try:
+                port = server.add_secure_port(address, credentials)
+            except RuntimeError as exc:
+                raise ListenError(f"cannot listen on {address}: {exc}") from None
+            if not port:
+                raise ListenError(f"cannot listen on {address}")
+            await server.start()
+        except BaseException:
+            store.close()
+            raise
+        self._server, self.port = server, port
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        held = sum(1 for r in self.ledger.reservations() if not r.state.released)
+        log.info("controller listening on %s:%d, state %s (%d agents, %d unreleased reservations)",
+                 self.host, port, self.state_path, len(self.ledger.agents()), held)
+        return port
+
+    async def _tick_forever(self) -> None:
+        assert self.service is not None
+        while True:
+            due = self.service.ledger.next_timer()
+            delay = self.tick_interval if due is None else min(self.tick_interval, due - self.clock())
+            await asyncio.sleep(max(delay, 0.01))
+            try:
+                self.service.tick()
+            except Exception:  # the ticker must outlive a failed save; it retries at the next tick
+                log.exception("tick failed")
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop answering (in-flight calls get ``grace`` seconds), save, close the store."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self.service is not None:
+            try:
+                self.service.tick()
+            finally:
+                self.service.store.close()
+            self.service = None
+
+    async def __aenter__(self) -> ControllerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
