@@ -1,7 +1,8 @@
 """The lightweight scheduler: a reservation ledger with admission control, its SQLite
 store and the topology file (docs/CONTROL.md).  Sans-I/O core (``ledger``), I/O at the
 edges (``store``, ``topology``); ``convert`` is the adapter to the generated gRPC
-messages and is imported on its own (it needs grpcio).  The gRPC service is not built yet.
+messages and is imported on its own (it needs grpcio), as are ``server`` (the gRPC
+ControllerService, ``dxa controller serve``) and ``client`` (ControllerClient).
 """
 
 from controller_stub.errors import *  # noqa: F403

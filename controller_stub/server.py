@@ -266,7 +266,8 @@ class ControllerServer:
             ledger = Ledger.restore(snap, now, self.config) if snap is not None else Ledger(self.config)
             self.topology.apply(ledger, now)
             self.service = ControllerService(ledger, store, self.clock)
-            server = grpc.aio.server()
+            # No SO_REUSEPORT: a second scheduler on the same port must fail, not share it.
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             convert.add_servicer_to_server(self.service, server)
             address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
             try:

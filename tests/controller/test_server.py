@@ -258,3 +258,17 @@ def test_dxa_controller_serve_refuses_bad_configuration(pki, tmp_path, capsys):
     bad.write_text("[[site]]\nname = 'a'\n[[link]]\na = 'a'\nb = 'z'\ncapacity = '1G'\n")
     assert main([*base, "--listen", "127.0.0.1:0", "--topology", str(bad)]) == EXIT_USAGE
     assert "not declared" in capsys.readouterr().err
+
+
+def test_a_second_server_cannot_share_the_port(pki, tmp_path):
+    from controller_stub.server import ListenError
+
+    ident, _ = pki
+
+    async def main():
+        async with _server(ident, tmp_path / "a.db") as first:
+            second = ControllerServer(ident, load_topology(TOPOLOGY), tmp_path / "b.db", port=first.port)
+            with pytest.raises(ListenError):
+                await second.start()
+
+    asyncio.run(main())
