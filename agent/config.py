@@ -130,6 +130,8 @@ class ServerConfig:
     """Seconds a new connection has to complete TLS + HELLO, or JOIN."""
     max_sessions: int = 64
     """Concurrent sessions; more are refused with ERROR{busy}."""
+    metrics: str = ""
+    """``HOST:PORT`` to serve Prometheus metrics on (port 0: a free one); empty: off."""
 
     def __post_init__(self) -> None:
         if not self.root:

@@ -24,7 +24,7 @@ from agent.aio.session import ReceiverSession, SenderSession
 from agent.aio.tls import peer_identity, server_context
 from agent.config import ServerConfig
 from agent.core import ReceiverCore, SenderCore
-from agent.errors import DxaError, PathError, RemoteProtocolError
+from agent.errors import ConfigError, DxaError, PathError, RemoteProtocolError
 from agent.store.journal import Journal
 from agent.store.pki import Identity
 from agent.wire._seal import CIPHERS
@@ -82,6 +82,7 @@ class Server:
         self.port = config.port
         self.completed: list[dict] = []
         self.journal: Journal | None = None
+        self.metrics = None  # agent.service.metrics.ServerMetrics when config.metrics is set
 
     async def start(self) -> None:
         os.makedirs(self.config.root, exist_ok=True)
@@ -93,6 +94,22 @@ class Server:
         self.port = sock.getsockname()[1]
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         log.info("listening on %s:%d, root %s", self.config.host, self.port, os.path.realpath(self.config.root))
+        if self.config.metrics:
+            await self._start_metrics()
+
+    # -- metrics (--metrics HOST:PORT; agent/service/metrics.py) ----------------------------
+    async def _start_metrics(self) -> None:
+        from agent.service.metrics import ServerMetrics, parse_listen
+
+        metrics = ServerMetrics()
+        try:
+            host, port = parse_listen(self.config.metrics)
+            metrics.start(host, port)
+        except (OSError, ConfigError) as exc:
+            await self.close()
+            raise ConfigError(f"cannot serve metrics on {self.config.metrics!r}: {exc}") from None
+        self.metrics = metrics
+        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.metrics.port)
 
     async def serve_forever(self) -> None:
         assert self._accept_task is not None
@@ -110,6 +127,8 @@ class Server:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        if self.metrics is not None:
+            await self.metrics.close()
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -224,6 +243,7 @@ class Server:
         sess = _Session(hello, peer)
         max_frame = hello.chunk_size + DATA_HEADER_LEN + 1024
         store = root = None
+        outcome = "failed"
         try:
             if hello.mode == "pull":
                 root = SafeRoot(cfg.root, create=False)
@@ -245,6 +265,8 @@ class Server:
 
                 sess.driver = BenchReceiver(ctrl, Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             self._sessions[hello.session_id] = sess
+            if self.metrics is not None:
+                self.metrics.session_started(tid, hello.mode, peer, sess.driver)
             tlog.info("%s %s from %s (%s): path=%r streams=%d chunk=%d cipher=%s%s", hello.mode, "start", peer,
                       addr[0], hello.path, streams, hello.chunk_size, hello.cipher,
                       f" rate={hello.rate}" if hello.rate and hello.mode == "pull" else "")
@@ -261,6 +283,8 @@ class Server:
             raise
         finally:
             self._sessions.pop(hello.session_id, None)
+            if self.metrics is not None:
+                self.metrics.session_ended(tid, outcome)
             if root is not None:
                 root.close()
 

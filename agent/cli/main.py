@@ -39,7 +39,8 @@ environment:
 
 config file ($DXA_HOME/config.toml, or --config FILE):
   [cp]    streams = 8, chunk_size = "8M", compress = "auto", cipher = "aes256gcm"
-  [serve] listen = "0.0.0.0:7400", root = "/srv/dxa", state_dir = "/var/lib/dxa"
+  [serve] listen = "0.0.0.0:7400", root = "/srv/dxa", state_dir = "/var/lib/dxa",
+          metrics = "127.0.0.1:9400"
 
 exit status:
   0 everything arrived verified   1 transfer incomplete (re-run to resume)
@@ -196,7 +197,8 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
     config = ServerConfig(root=root, host=host.strip("[]"), port=int(port),
                           state_dir=_setting(args, cfg, "serve", "state_dir", "") or "",
-                          fsync=str(_setting(args, cfg, "serve", "fsync", False)).lower() in ("1", "true", "yes"))
+                          fsync=str(_setting(args, cfg, "serve", "fsync", False)).lower() in ("1", "true", "yes"),
+                          metrics=str(_setting(args, cfg, "serve", "metrics", "") or ""))
     identity = _identity(args)
     _raise_fd_limit()
     log = logging.getLogger("agent.serve")
@@ -392,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make every finished file and every journaled chunk survive power loss (fsync before "
                         "rename, fdatasync before journaling); costs disk-speed writes. Without it a killed "
                         "daemon still loses nothing and resumed chunks are re-verified from disk")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (bytes, files, retries, active "
+                        "transfers, rate per transfer, RTT and retransmits per peer); off by default")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("cp", parents=[common, xfer], help="copy files to or from a dxa daemon",
