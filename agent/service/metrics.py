@@ -11,9 +11,9 @@ Exposed (all prefixed ``dxa_``):
 
 ==================================  =======  ==================================================
 ``bytes_total{direction}``          counter  payload bytes on the wire, ``received``/``sent``
-``files_completed_total``           counter  files verified (or already present); at transfer end
-``files_failed_total``              counter  files that did not arrive; at transfer end
-``chunks_retried_total``            counter  chunks sent again; at transfer end
+``files_completed_total``           counter  files verified (or already present)
+``files_failed_total``              counter  files that did not arrive
+``chunks_retried_total``            counter  chunks sent again
 ``transfers_total{mode,outcome}``   counter  ended transfers: ok, incomplete, failed
 ``active_transfers``                gauge    sessions running now
 ``transfer_rate_bytes_per_second``  gauge    per live session (``session``, ``mode``, ``peer``)
@@ -21,8 +21,9 @@ Exposed (all prefixed ``dxa_``):
 ``peer_retransmits_total{peer}``    counter  TCP segments retransmitted on them
 ==================================  =======  ==================================================
 
-``peer`` is the certificate name of the other agent.  Retransmits are sampled, so the
-last ``interval`` of a connection before it closes may be missed.
+``peer`` is the certificate name of the other agent.  Files and retried chunks of a
+running transfer are sampled every ``interval`` (exact once it ends); retransmits are
+sampled too, so the last ``interval`` of a connection before it closes may be missed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from agent.aio.session import ReceiverSession, SenderSession
 from agent.errors import ConfigError
 
 __all__ = ["ServerMetrics", "TcpInfo", "parse_listen", "parse_tcp_info", "read_tcp_info"]
@@ -98,6 +100,7 @@ class _Live:
     peer: str
     driver: object
     rate: float = 0.0
+    counts: tuple[int, int, int] = (0, 0, 0)  # files ok, files failed, chunks retried at the last sample
     last_bytes: int = 0
     last_t: float = field(default_factory=time.monotonic)
 
@@ -107,6 +110,21 @@ class _Peer:
     retrans: int = 0
     rtt: float | None = None
     seen: dict = field(default_factory=dict)  # id(socket) -> (socket, last tcpi_total_retrans)
+
+
+def _live_counts(driver) -> tuple[int, int, int]:
+    """(files ok, files failed, chunks retried) of a running session, read on the event loop.
+
+    Only valid until the driver's ``run()`` has returned: a receiver then folds its core's
+    counts into its stats (which a sender copies from its core)."""
+    s = driver.stats
+    if isinstance(driver, SenderSession):
+        c = driver.core
+        return c.files_ok, c.files_failed, c.chunks_retried
+    if isinstance(driver, ReceiverSession):
+        c = driver.core
+        return s.files_ok + c.files_ok, s.files_failed + c.files_failed, s.chunks_retried
+    return s.files_ok, s.files_failed, s.chunks_retried
 
 
 def _sockets(driver) -> list[socket.socket]:
@@ -157,16 +175,23 @@ class ServerMetrics:
             self._peers.setdefault(peer, _Peer())
 
     def session_ended(self, sid: str, outcome: str) -> None:
-        """Fold a finished session (``ok``, ``incomplete`` or ``failed``) into the totals."""
+        """Fold a session into the totals: ``ok`` or ``incomplete`` once its driver's ``run()``
+        returned (its stats are final), ``failed`` when it raised."""
+        live = self._live.get(sid)
+        if live is None:
+            return
+        stats = live.driver.stats
+        if outcome == "failed":
+            final = _live_counts(live.driver)
+        else:
+            final = (stats.files_ok, stats.files_failed, stats.chunks_retried)
+        final = tuple(max(a, b) for a, b in zip(final, live.counts))  # counters never go back
         with self._lock:
-            live = self._live.pop(sid, None)
-            if live is None:
-                return
-            stats = live.driver.stats
+            del self._live[sid]
             self._bytes[DIRECTIONS.get(live.mode, "received")] += stats.bytes_wire
-            self._files_ok += stats.files_ok
-            self._files_failed += stats.files_failed
-            self._retried += stats.chunks_retried
+            self._files_ok += final[0]
+            self._files_failed += final[1]
+            self._retried += final[2]
             key = (live.mode, outcome)
             self._transfers[key] = self._transfers.get(key, 0) + 1
             if not any(x.peer == live.peer for x in self._live.values()):
@@ -198,6 +223,8 @@ class ServerMetrics:
             if dt > 0:
                 s.rate = max(0, b - s.last_bytes) / dt
             s.last_bytes, s.last_t = b, now
+            counts = _live_counts(s.driver)
+            s.counts = tuple(max(a, b) for a, b in zip(counts, s.counts))
             for sock in _sockets(s.driver):
                 info = read_tcp_info(sock)
                 if info is None:
@@ -228,9 +255,12 @@ class ServerMetrics:
         with self._lock:
             live = list(self._live.items())
             sent = dict(self._bytes)
+            files_ok, files_failed, retried = self._files_ok, self._files_failed, self._retried
             for _sid, s in live:
                 sent[DIRECTIONS.get(s.mode, "received")] += s.driver.stats.bytes_wire
-            files_ok, files_failed, retried = self._files_ok, self._files_failed, self._retried
+                files_ok += s.counts[0]
+                files_failed += s.counts[1]
+                retried += s.counts[2]
             transfers = dict(self._transfers)
             peers = [(name, p.rtt, p.retrans) for name, p in self._peers.items()]
         c = CounterMetricFamily("dxa_bytes", "Payload bytes moved on the wire (after compression, with resends)",
@@ -238,12 +268,11 @@ class ServerMetrics:
         for direction in ("received", "sent"):
             c.add_metric([direction], sent[direction])
         yield c
-        yield CounterMetricFamily("dxa_files_completed", "Files verified at the destination or already present "
-                                  "(counted when the transfer ends)", value=files_ok)
-        yield CounterMetricFamily("dxa_files_failed", "Files that did not arrive (counted when the transfer ends)",
-                                  value=files_failed)
+        yield CounterMetricFamily("dxa_files_completed", "Files verified at the destination or already present",
+                                  value=files_ok)
+        yield CounterMetricFamily("dxa_files_failed", "Files that did not arrive", value=files_failed)
         yield CounterMetricFamily("dxa_chunks_retried", "Chunks sent again after a failed verification or a lost "
-                                  "connection (counted when the transfer ends)", value=retried)
+                                  "connection", value=retried)
         c = CounterMetricFamily("dxa_transfers", "Transfers ended, by mode and outcome", labels=["mode", "outcome"])
         for (mode, outcome), n in sorted(transfers.items()):
             c.add_metric([mode, outcome], n)

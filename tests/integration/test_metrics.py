@@ -72,12 +72,15 @@ def test_scrape_after_push_and_pull(tmp_path, metrics_server, identity):
 
 
 def test_live_transfer_shows_rate_rtt_and_active(tmp_path, metrics_server, identity):
-    """Sample while a paced push is running: active=1, a rate for its session, an RTT for the peer."""
+    """Sample while a paced push is running: active=1, a rate for its session, an RTT for the
+    peer, bytes and finished files counted before the transfer ends."""
     srv = metrics_server
     srv.server.metrics.interval = 0.2
     port = srv.server.metrics.port
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "f.bin").write_bytes(b"x" * 3_000_000)
+    for i in range(6):
+        (tmp_path / "src" / f"small{i}.bin").write_bytes(b"y" * 1000)
     opts = TransferOptions.for_test(recursive=True, rate=8 * 1_500_000, compress="off")  # ~2 s
 
     async def main():
@@ -88,7 +91,7 @@ def test_live_transfer_shows_rate_rtt_and_active(tmp_path, metrics_server, ident
             m = await asyncio.to_thread(scrape, port)
             rates = [v for (name, _), v in m.items() if name == "dxa_transfer_rate_bytes_per_second"]
             rtts = [v for (name, _), v in m.items() if name == "dxa_peer_rtt_seconds"]
-            if rates and rates[0] > 0 and rtts:
+            if rates and rates[0] > 0 and rtts and m[("dxa_files_completed_total", ())] > 0:
                 seen = m, rates[0], rtts[0]
                 break
         res = await task
@@ -99,9 +102,14 @@ def test_live_transfer_shows_rate_rtt_and_active(tmp_path, metrics_server, ident
     assert seen is not None, "never saw a live rate and RTT"
     m, rate, rtt = seen
     assert m[("dxa_active_transfers", ())] == 1
+    assert 0 < m[("dxa_bytes_total", (("direction", "received"),))] < res.bytes_sent
+    assert 0 < m[("dxa_files_completed_total", ())] < res.files_ok == 8  # 7 files and their directory
     assert 0 < rate < 50_000_000
     assert 0 < rtt < 1.0
-    assert scrape(port)[("dxa_active_transfers", ())] == 0
+    end = scrape(port)
+    assert end[("dxa_active_transfers", ())] == 0
+    assert end[("dxa_files_completed_total", ())] == 8
+    assert end[("dxa_bytes_total", (("direction", "received"),))] == res.bytes_sent
 
 
 def test_two_servers_have_separate_registries(tmp_path, identity):
