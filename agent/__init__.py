@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 from agent.errors import *  # noqa: E402,F403
 from agent.errors import __all__ as _errors_all  # noqa: E402
 
-__all__ = ["__version__", "copy", "copy_sync", "bench", "TransferOptions", "CopyResult", *_errors_all]
+__all__ = ["__version__", "copy", "copy_sync", "bench", "TransferOptions", "CopyResult", "Client", *_errors_all]
 
 
 def _identity(identity, home):
@@ -74,4 +74,8 @@ def __getattr__(name):
         from agent.aio.client import CopyResult
 
         return CopyResult
+    if name == "Client":  # async client of an agent's TransferService (imports grpc only when used)
+        from agent.service.client import Client
+
+        return Client
     raise AttributeError(name)

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import grpc
 
 from agent.errors import DxaError
+from agent.service.credentials import channel_credentials
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.ledger import (
@@ -52,12 +53,6 @@ def _error(exc: grpc.aio.AioRpcError) -> ControllerError:
     available = meta.get("dxa-available-bps")
     return ControllerError(exc.code(), exc.details() or "", meta.get("dxa-error", ""),
                            int(available) if available and available.isdigit() else None)
-
-
-def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(root_certificates=identity.ca_cert.read_bytes(),
-                                        private_key=identity.key.read_bytes(),
-                                        certificate_chain=identity.cert.read_bytes())
 
 
 class ControllerClient:

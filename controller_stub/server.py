@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 
 from agent.errors import DxaError
+from agent.service.credentials import server_credentials
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.errors import (
@@ -213,21 +214,6 @@ class ControllerService(convert.ControllerServicerBase):
             self.ledger.tick(now)  # show what is true now (expired leases, ended windows)
             return convert.list_response(self.ledger.reservations(states=states, agent=agent))
         return await self._call(context, fn, mutating=False)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        from agent.errors import ConfigError
-
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def server_credentials(identity: Identity) -> grpc.ServerCredentials:
-    """Mutual TLS: our certificate and key; clients must present one signed by our CA."""
-    return grpc.ssl_server_credentials([(_read(identity.key), _read(identity.cert))],
-                                       root_certificates=_read(identity.ca_cert), require_client_auth=True)
 
 
 class ControllerServer:

@@ -172,7 +172,12 @@ class _Connection:
         return sock
 
     async def join(self, stream: int, epoch: int = 0) -> socket.socket:
-        return await asyncio.get_running_loop().run_in_executor(None, self._join_blocking, stream, epoch)
+        fut = asyncio.get_running_loop().run_in_executor(None, self._join_blocking, stream, epoch)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:  # the thread goes on: close the socket it opens (a cancelled job)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().close())
+            raise
 
     async def close(self) -> None:
         if self.ctrl is not None:

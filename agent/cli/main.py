@@ -207,6 +207,7 @@ def cmd_serve(args) -> int:
     async def main() -> None:
         server = Server(config, identity)
         await server.start()
+        transfers = await _start_transfers(args, config, identity) if args.grpc else None  # --grpc (TransferService)
         if args.port_file:
             with open(args.port_file + ".tmp", "w") as fh:
                 fh.write(str(server.port))
@@ -217,10 +218,31 @@ def cmd_serve(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
+        if transfers is not None:
+            await _stop_transfers(*transfers)
         await server.close()
 
     asyncio.run(main())
     return EXIT_OK
+
+
+async def _start_transfers(args, config, identity):
+    """``dxa serve --grpc``: the TransferService and its jobs, next to the data port, on the same loop."""
+    from agent.service.grpc_server import start_daemon_service
+
+    db = os.path.join(os.path.dirname(config.journal_path), "transfers.sqlite")
+    service = await start_daemon_service(args.grpc, config.root, db, identity)
+    if args.grpc_port_file:
+        with open(args.grpc_port_file + ".tmp", "w") as fh:
+            fh.write(str(service[0].port))
+        os.replace(args.grpc_port_file + ".tmp", args.grpc_port_file)
+    return service
+
+
+async def _stop_transfers(server, manager) -> None:
+    from agent.service.grpc_server import stop_daemon_service
+
+    await stop_daemon_service(server, manager)
 
 
 def cmd_cp(args) -> int:
@@ -397,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (bytes, files, retries, active "
                         "transfers, rate per transfer, RTT and retransmits per peer); off by default")
+    s.add_argument("--grpc", metavar="HOST:PORT",
+                   help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
+                        "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/cancel/rate); off by default")
+    s.add_argument("--grpc-port-file", dest="grpc_port_file", metavar="FILE", help="write the bound gRPC port here")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("cp", parents=[common, xfer], help="copy files to or from a dxa daemon",
@@ -453,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lease-timeout", dest="lease_timeout", type=float, default=30.0, metavar="SECONDS",
                    help="an agent that does not heartbeat for this long loses its reservations (default 30)")
     s.set_defaults(func=cmd_controller_serve)
+
+    from agent.cli.transfers import add_commands as _add_transfer_commands  # dxa submit/status/cancel/rate
+
+    _add_transfer_commands(sub, common)
     return p
 
 

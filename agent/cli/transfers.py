@@ -1,0 +1,165 @@
+"""``dxa submit / status / cancel / rate``: the CLI of an agent's TransferService (agent.Client).
+
+Kept apart from agent/cli/main.py, which only registers these commands (``add_commands``).
+Exit status: 0 ok (``submit --wait``: the transfer is done), 1 the transfer failed or was
+cancelled, 2 refused by the agent (unknown transfer, bad spec, wrong state), 4 the agent
+cannot be reached or refused our certificate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 4
+
+
+def _client(args):
+    from agent.cli.main import _identity
+    from agent.service.client import Client
+
+    return Client(args.agent, _identity(args), server_name=args.server_name)
+
+
+def _rate_text(bps: int) -> str:
+    if not bps:
+        return "unlimited"
+    for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if bps >= scale:
+            return f"{bps / scale:g}{unit}"
+    return str(bps)
+
+
+def _line(t) -> str:
+    pct = f"{100 * t.bytes_done / t.bytes_total:5.1f}%" if t.bytes_total else "    -"
+    err = f"  ({t.error})" if t.error else ""
+    return (f"{t.id:<6} {t.state.value:<12} {pct} {t.bytes_done:>14} B  files {t.files_done}/{t.files_total}  "
+            f"rate {_rate_text(t.rate_bps):<9} {t.spec.source} -> {t.spec.destination}{err}")
+
+
+def _print(args, transfers, *, many: bool = False) -> None:
+    if args.json:
+        print(json.dumps([t.as_dict() for t in transfers] if many else transfers[0].as_dict()))
+    else:
+        for t in transfers:
+            print(_line(t))
+
+
+def _run(args, coro_fn) -> int:
+    from agent.service.client import TransferServiceError
+
+    async def main():
+        async with _client(args) as c:
+            return await coro_fn(c)
+
+    try:
+        return asyncio.run(main())
+    except TransferServiceError as exc:
+        import grpc
+
+        print(f"dxa: {args.agent}: {exc}", file=sys.stderr)
+        if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return EXIT_NETWORK
+        if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.FAILED_PRECONDITION):
+            return EXIT_USAGE
+        return EXIT_INCOMPLETE
+
+
+def _final_status(t) -> int:
+    from agent.service.transfers import JobState
+
+    return EXIT_OK if t.state is JobState.DONE else EXIT_INCOMPLETE if t.state.final else EXIT_OK
+
+
+def cmd_submit(args) -> int:
+    from agent.config import parse_rate
+
+    rate = parse_rate(args.rate or "0")
+
+    async def go(c):
+        t = await c.submit(args.source, args.destination, rate=rate, recursive=args.recursive,
+                           priority=args.priority, request_id=args.request_id or "")
+        if args.wait:
+            t = await c.wait(t.id)
+        _print(args, [t])
+        return _final_status(t) if args.wait else EXIT_OK
+
+    return _run(args, go)
+
+
+def cmd_status(args) -> int:
+    async def go(c):
+        if args.job:
+            t = await c.get(args.job)
+            _print(args, [t])
+            return EXIT_OK
+        _print(args, await c.list(), many=True)
+        return EXIT_OK
+
+    return _run(args, go)
+
+
+def cmd_cancel(args) -> int:
+    async def go(c):
+        t = await c.cancel(args.job)
+        if args.wait:
+            t = await c.wait(args.job)
+        _print(args, [t])
+        return EXIT_OK
+
+    return _run(args, go)
+
+
+def cmd_rate(args) -> int:
+    from agent.config import parse_rate
+
+    rate = parse_rate(args.rate)
+
+    async def go(c):
+        _print(args, [await c.set_rate(args.job, rate)])
+        return EXIT_OK
+
+    return _run(args, go)
+
+
+def add_commands(sub, common: argparse.ArgumentParser) -> None:
+    """Register submit, status, cancel and rate on the ``dxa`` subparsers."""
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument("--agent", metavar="HOST:PORT", required=True,
+                        help="the agent's TransferService (its dxa serve --grpc address)")
+    client.add_argument("--server-name", dest="server_name", metavar="NODE",
+                        help="the node name in the agent's certificate, if it does not name HOST")
+    client.add_argument("--json", action="store_true", help="print JSON")
+
+    s = sub.add_parser("submit", parents=[common, client], help="ask an agent to send its data to another agent",
+                       description="Ask the agent at --agent to push SRC (a path under its --root) to DST "
+                                   "(dxa://HOST:PORT/path of the destination agent): a third-party copy when "
+                                   "this machine is neither. The job is kept by the agent (it survives a "
+                                   "restart of the agent) and resumes what the destination already has.")
+    s.add_argument("source", metavar="SRC", help="path under the sending agent's root")
+    s.add_argument("destination", metavar="dxa://HOST:PORT/path", help="where the sending agent pushes it")
+    s.add_argument("-r", "--recursive", action="store_true", help="send a directory tree")
+    s.add_argument("--rate", metavar="BITS", help="pace the transfer to this rate in bits/s (200M, 1.5G)")
+    s.add_argument("--priority", type=int, default=0, help="kept for the scheduler (not used yet)")
+    s.add_argument("--request-id", dest="request_id", metavar="KEY",
+                   help="idempotency key: a retried submit with the same key returns the same job")
+    s.add_argument("--wait", action="store_true",
+                   help="wait until the transfer is done, failed or cancelled (exit 0 only if done)")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("status", parents=[common, client], help="show an agent's transfers, or one of them")
+    s.add_argument("job", metavar="JOB", nargs="?", help="a transfer id (default: all)")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("cancel", parents=[common, client], help="stop a transfer (its partial data stays resumable)")
+    s.add_argument("job", metavar="JOB")
+    s.add_argument("--wait", action="store_true", help="wait until the copy has stopped")
+    s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("rate", parents=[common, client], help="change the rate of a running transfer")
+    s.add_argument("job", metavar="JOB")
+    s.add_argument("rate", metavar="BITS", help="new rate in bits/s (200M, 1.5G; 0 = unlimited)")
+    s.set_defaults(func=cmd_rate)

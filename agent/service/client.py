@@ -1,0 +1,116 @@
+"""``agent.Client``: an async client of an agent's TransferService, over mutual TLS.
+
+    async with agent.Client("gw1:7401") as c:               # identity from $DXA_HOME
+        t = await c.submit("datasets/x", "dxa://gw2:7400/incoming/x", rate=200_000_000, recursive=True)
+        async for ev in c.watch(t.id):                       # StateChanged, Progressed, RateChanged
+            print(ev)
+        await c.set_rate(t.id, 1_000_000_000)
+
+The agent dialled sends its own data (``source`` is a path under its root) to the
+destination agent: a third-party copy when the caller is neither.  Answers are
+:class:`~agent.service.transfers.Transfer` objects; a refused call raises
+:class:`TransferServiceError` (``code``: the gRPC status, ``kind``: the agent's error class).
+The agent's certificate must name the host dialled, or pass ``server_name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+
+from agent.errors import DxaError
+from agent.service import convert
+from agent.service.credentials import channel_credentials
+from agent.service.transfers import JobState, Transfer, TransferEvent, TransferSpec
+from agent.store.pki import Identity
+
+__all__ = ["Client", "TransferServiceError"]
+
+
+class TransferServiceError(DxaError):
+    """The agent refused a call, or could not be reached (``code`` UNAVAILABLE)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, kind: str = "") -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
+
+def _error(exc: grpc.aio.AioRpcError) -> TransferServiceError:
+    meta = {k: v for k, v in (exc.trailing_metadata() or ())}
+    return TransferServiceError(exc.code(), exc.details() or "", meta.get("dxa-error", ""))
+
+
+class Client:
+    """One channel to an agent's TransferService (``target`` = ``HOST:PORT`` of ``dxa serve --grpc``)."""
+
+    def __init__(self, target: str, identity: Identity | None = None, *, home: str | None = None,
+                 server_name: str | None = None, timeout: float = 10.0) -> None:
+        from agent import _identity
+
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self.timeout = timeout
+        self._channel = grpc.aio.secure_channel(target, channel_credentials(_identity(identity, home)),
+                                                options=options)
+        self._stub = convert.transfer_stub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+
+    async def submit(self, source: str, destination: str, *, rate: int = 0, recursive: bool = False,
+                     priority: int = 0, request_id: str = "", source_agent: str = "") -> Transfer:
+        """Ask the agent to send ``source`` (under its root) to ``destination`` (``dxa://HOST:PORT/path``)."""
+        spec = TransferSpec(source, destination, rate, priority, recursive, source_agent)
+        return convert.transfer_from_response(
+            await self._call(self._stub.SubmitTransfer, convert.submit_request(spec, request_id)))
+
+    async def get(self, transfer_id: str) -> Transfer:
+        return convert.transfer_from_response(
+            await self._call(self._stub.GetTransfer, convert.id_request("get", transfer_id)))
+
+    async def list(self, states: Iterable[JobState] | None = None) -> list[Transfer]:
+        return convert.list_from_response(await self._call(self._stub.ListTransfers, convert.list_request(states)))
+
+    async def cancel(self, transfer_id: str) -> Transfer:
+        """Stop the transfer; it becomes ``cancelled`` once its copy has stopped (watch to see it)."""
+        return convert.transfer_from_response(
+            await self._call(self._stub.CancelTransfer, convert.id_request("cancel", transfer_id)))
+
+    async def set_rate(self, transfer_id: str, rate_bps: int) -> Transfer:
+        """New pacing rate in bits/s (0 = unlimited), effective at once."""
+        return convert.transfer_from_response(
+            await self._call(self._stub.SetRate, convert.set_rate_request(transfer_id, rate_bps)))
+
+    async def watch(self, transfer_id: str) -> AsyncIterator[TransferEvent]:
+        """The current state and progress, then every event until the transfer is final (no timeout)."""
+        call = self._stub.WatchTransfer(convert.id_request("watch", transfer_id))
+        try:
+            async for msg in call:
+                yield convert.event_from_proto(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        finally:
+            call.cancel()
+
+    async def wait(self, transfer_id: str) -> Transfer:
+        """Until the transfer is final; its last state."""
+        async for _ in self.watch(transfer_id):
+            pass
+        return await self.get(transfer_id)

@@ -1,0 +1,134 @@
+"""The agent daemon's gRPC TransferService (``dxa serve --grpc HOST:PORT``) over a JobManager.
+
+Each RPC converts the request (:mod:`agent.service.convert`), makes one JobManager call
+and converts the answer; WatchTransfer streams the manager's events until the transfer is
+final.  It runs on the daemon's event loop, next to the data port, and shares its identity:
+mutual TLS with the ``dxa init`` certificates (a client from another CA is refused during
+the handshake).  Refusals carry trailing metadata ``dxa-error`` (the error class).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import grpc
+
+from agent.errors import DxaError
+from agent.service import convert
+from agent.service.credentials import server_credentials
+from agent.service.transfers import JobError, JobManager
+from agent.store.pki import Identity
+
+__all__ = ["GrpcListenError", "TransferServer", "TransferServicer"]
+
+log = logging.getLogger(__name__)
+
+
+class GrpcListenError(DxaError):
+    """The gRPC server could not bind its address."""
+
+
+class TransferServicer(convert.TransferServicerBase):
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    async def _call(self, context, fn):
+        try:
+            answer = fn()
+            return await answer if inspect.isawaitable(answer) else answer
+        except JobError as exc:
+            await context.abort(convert.error_to_status(exc), str(exc),
+                                trailing_metadata=(("dxa-error", type(exc).__name__),))
+
+    async def SubmitTransfer(self, request, context):
+        return await self._call(context, lambda: convert.transfer_response(
+            "submit", self.manager.submit(*convert.submit_from_request(request))))
+
+    async def GetTransfer(self, request, context):
+        return await self._call(context, lambda: convert.transfer_response(
+            "get", self.manager.get(convert.id_from_request(request))))
+
+    async def ListTransfers(self, request, context):
+        return await self._call(context, lambda: convert.list_response(
+            self.manager.list(convert.list_from_request(request))))
+
+    async def CancelTransfer(self, request, context):
+        return await self._call(context, lambda: convert.transfer_response(
+            "cancel", self.manager.cancel(convert.id_from_request(request))))
+
+    async def SetRate(self, request, context):
+        return await self._call(context, lambda: convert.transfer_response(
+            "set_rate", self.manager.set_rate(*convert.set_rate_from_request(request))))
+
+    async def WatchTransfer(self, request, context):
+        events = await self._call(context, lambda: self.manager.watch(convert.id_from_request(request)))
+        try:
+            first = await self._call(context, events.__anext__)  # NOT_FOUND is raised here
+            yield convert.event_to_proto(first)
+            async for ev in events:
+                yield convert.event_to_proto(ev)
+        finally:
+            await events.aclose()
+
+
+class TransferServer:
+    """``await TransferServer(manager, identity, host, port).start()`` → the bound port; ``await stop()``.
+
+    The manager's lifecycle is the caller's (the daemon starts it before and closes it after).
+    """
+
+    def __init__(self, manager: JobManager, identity: Identity, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.manager = manager
+        self.identity = identity
+        self.host, self.port = host, port
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        credentials = server_credentials(self.identity)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        convert.add_servicer_to_server(TransferServicer(self.manager), server)
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise GrpcListenError(f"cannot listen on {address}: {exc}") from None
+        if not port:
+            raise GrpcListenError(f"cannot listen on {address}")
+        await server.start()
+        self._server, self.port = server, port
+        log.info("TransferService (gRPC) listening on %s:%d", self.host, port)
+        return port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+
+async def start_daemon_service(listen: str, root: str, db_path: str, identity: Identity
+                               ) -> tuple[TransferServer, JobManager]:
+    """What ``dxa serve --grpc HOST:PORT`` starts next to the data port: the jobs of ``db_path``
+    (unfinished ones resume) and the gRPC server.  Stop with :func:`stop_daemon_service`."""
+    from agent.errors import ConfigError
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--grpc wants HOST:PORT, got {listen!r}")
+    manager = JobManager(root, db_path, identity)
+    await manager.start()
+    server = TransferServer(manager, identity, host.strip("[]"), int(port))
+    try:
+        await server.start()
+    except BaseException:
+        await manager.close()
+        raise
+    return server, manager
+
+
+async def stop_daemon_service(server: TransferServer, manager: JobManager) -> None:
+    """Stop answering, then stop the running copies (they stay unfinished and resume at the next start)."""
+    try:
+        await server.stop()
+    finally:
+        await manager.close()

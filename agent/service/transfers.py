@@ -1,0 +1,538 @@
+"""The agent daemon's transfer jobs: push copies from this agent to another, kept in SQLite.
+
+A job is "send SOURCE (a path under this daemon's root) to ``dxa://HOST:PORT/path``": a
+client that asks agent A to send to agent B (third-party copy) submits a job on A.  Each
+job runs :func:`agent.aio.client.copy` on the daemon's event loop with its own
+:class:`~agent.aio.pacing.SharedPacer`, so :meth:`JobManager.set_rate` changes the rate of
+a running job at once.
+
+Lifecycle: ``submitted`` → ``transferring`` → ``done`` / ``failed`` / ``cancelled``
+(``reserved`` exists in the API for the scheduler and is not used until agents ask the
+scheduler for reservations).  A copy that ends incomplete or on a broken connection is
+re-run a few times (a re-run resumes from the destination's journal) before the job fails.
+Cancel stops the copy; the partial data stays at the destination and a new job with the
+same source and destination resumes it.
+
+Persistence: one SQLite file (WAL) next to the daemon's resume journal.  Every state
+change is written before it is announced; progress every second.  A daemon that stops
+(or dies) leaves its unfinished jobs ``submitted`` or ``transferring``; the next
+:meth:`JobManager.start` picks them up and runs them again, which resumes them.
+
+Threading: a JobManager belongs to one event loop; call it from that loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from agent.aio.client import CopyResult, copy, is_remote, parse_remote
+from agent.aio.pacing import SharedPacer
+from agent.aio.session import Progress
+from agent.config import TransferOptions
+from agent.core.pacer import check_rate
+from agent.errors import BrokenConnectionError, ConfigError, DxaError, PathError
+from agent.store.pki import Identity
+from agent.store.safepath import RESERVED, SafeRoot, split_relpath
+
+__all__ = [
+    "InvalidTransferError",
+    "JobError",
+    "JobManager",
+    "JobState",
+    "Progressed",
+    "RateChanged",
+    "StateChanged",
+    "Transfer",
+    "TransferEvent",
+    "TransferSpec",
+    "TransferStateError",
+    "UnknownTransferError",
+]
+
+log = logging.getLogger(__name__)
+
+
+class JobError(DxaError):
+    """A job request that the manager refuses."""
+
+
+class UnknownTransferError(JobError, KeyError):
+    def __init__(self, transfer_id: str) -> None:
+        super().__init__(transfer_id)
+        self.transfer_id = transfer_id
+
+    def __str__(self) -> str:
+        return f"no transfer {self.transfer_id!r}"
+
+
+class InvalidTransferError(JobError, ValueError):
+    """A malformed or unsupported spec (bad path, bad URL, negative rate, ...)."""
+
+
+class TransferStateError(JobError):
+    """The operation does not apply in the transfer's state (e.g. cancel a finished one)."""
+
+
+class JobState(enum.Enum):
+    SUBMITTED = "submitted"
+    RESERVED = "reserved"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    """Send ``source`` (relative to the source agent's root) to ``destination`` (a dxa URL)."""
+
+    source: str
+    destination: str
+    rate_bps: int = 0
+    """Pacing rate of the whole transfer in bits/s; 0 = unlimited."""
+    priority: int = 0
+    """Kept and reported; not acted upon until a scheduler orders transfers."""
+    recursive: bool = False
+    source_agent: str = ""
+    """Empty or this agent's name: only this agent's own data can be sent from here."""
+
+
+@dataclass
+class Transfer:
+    id: str
+    spec: TransferSpec
+    state: JobState = JobState.SUBMITTED
+    rate_bps: int = 0
+    """The pacing rate now (starts at ``spec.rate_bps``; SetRate changes it)."""
+    bytes_total: int = 0
+    bytes_done: int = 0
+    bytes_skipped: int = 0
+    files_total: int = 0
+    files_done: int = 0
+    chunks_retried: int = 0
+    error: str = ""
+    request_id: str = ""
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["spec"] = dict(self.spec.__dict__)
+        d["state"] = self.state.value
+        return d
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    transfer_id: str
+    time: float
+    old: JobState | None
+    new: JobState
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Progressed:
+    transfer_id: str
+    time: float
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    current_rate_bps: int
+    chunks_retried: int = 0
+
+
+@dataclass(frozen=True)
+class RateChanged:
+    transfer_id: str
+    time: float
+    old_rate_bps: int
+    new_rate_bps: int
+
+
+TransferEvent = StateChanged | Progressed | RateChanged
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS transfers (
+    num INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT,
+    source TEXT NOT NULL, destination TEXT NOT NULL, spec_rate_bps INTEGER NOT NULL,
+    priority INTEGER NOT NULL, recursive INTEGER NOT NULL, source_agent TEXT NOT NULL,
+    state TEXT NOT NULL, rate_bps INTEGER NOT NULL,
+    bytes_total INTEGER NOT NULL, bytes_done INTEGER NOT NULL, bytes_skipped INTEGER NOT NULL,
+    files_total INTEGER NOT NULL, files_done INTEGER NOT NULL, chunks_retried INTEGER NOT NULL,
+    error TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS transfers_request ON transfers(request_id) WHERE request_id IS NOT NULL;
+"""
+SCHEMA_VERSION = "1"
+
+
+class JobStore:
+    """The jobs table (SQLite, WAL).  Ids are ``t<N>``, never reused."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise ConfigError(f"{path}: transfer database schema {row[0]}, expected {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise ConfigError(f"{path}: not a transfer database ({exc})") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def insert(self, t: Transfer) -> str:
+        s = t.spec
+        cur = self.db.execute(
+            "INSERT INTO transfers (request_id, source, destination, spec_rate_bps, priority, recursive, source_agent,"
+            " state, rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
+            " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (t.request_id or None, s.source, s.destination, s.rate_bps, s.priority, int(s.recursive), s.source_agent,
+             t.state.value, t.rate_bps, t.bytes_total, t.bytes_done, t.bytes_skipped, t.files_total, t.files_done,
+             t.chunks_retried, t.error, t.created, t.updated))
+        return f"t{cur.lastrowid}"
+
+    def update(self, t: Transfer) -> None:
+        self.db.execute(
+            "UPDATE transfers SET state=?, rate_bps=?, bytes_total=?, bytes_done=?, bytes_skipped=?, files_total=?,"
+            " files_done=?, chunks_retried=?, error=?, updated=? WHERE num=?",
+            (t.state.value, t.rate_bps, t.bytes_total, t.bytes_done, t.bytes_skipped, t.files_total, t.files_done,
+             t.chunks_retried, t.error, t.updated, int(t.id[1:])))
+
+    def load(self) -> list[Transfer]:
+        rows = self.db.execute(
+            "SELECT num, request_id, source, destination, spec_rate_bps, priority, recursive, source_agent, state,"
+            " rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
+            " created, updated FROM transfers ORDER BY num").fetchall()
+        out = []
+        for (num, rid, src, dst, srate, prio, rec, sagent, state, rate, bt, bd, bs, ft, fd, cr, err, cre,
+             upd) in rows:
+            spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent)
+            out.append(Transfer(f"t{num}", spec, JobState(state), rate, bt, bd, bs, ft, fd, cr, err, rid or "",
+                                cre, upd))
+        return out
+
+
+def _validate(spec: TransferSpec) -> TransferSpec:
+    try:
+        check_rate(spec.rate_bps)
+        if not is_remote(spec.destination):
+            raise ConfigError(f"destination must be dxa://HOST:PORT/path, got {spec.destination!r}")
+        parse_remote(spec.destination)
+        source = spec.source.rstrip("/")
+        if not source:
+            raise PathError("the source path is empty")
+        if split_relpath(source)[0] == RESERVED:
+            raise PathError(f"{source!r}: the daemon's own state is not a source")
+    except (ConfigError, PathError) as exc:
+        raise InvalidTransferError(str(exc)) from None
+    return replace(spec, source=source, rate_bps=int(spec.rate_bps))
+
+
+class _Running:
+    """What a running job holds besides its row: the task, the pacer, the progress."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task | None = None
+        self.pacer: SharedPacer | None = None
+        self.progress = Progress()
+        self.cancel_requested = False
+
+
+class JobManager:
+    """Jobs of one daemon: ``await JobManager(root, db_path, identity).start()``; ``await close()``.
+
+    ``root`` is the directory sources must lie under (the daemon's ``--root``);
+    ``options`` the transfer options of every job (streams, chunk size, cipher...);
+    ``attempts`` how many times a copy is run before the job fails.
+    """
+
+    def __init__(self, root: str, db_path: str, identity: Identity, *, options: TransferOptions | None = None,
+                 attempts: int = 3, retry_delay: float = 0.5, progress_interval: float = 0.5) -> None:
+        self.root = root
+        self.db_path = db_path
+        self.identity = identity
+        self.options = replace(options or TransferOptions(), rate=0, recursive=False)
+        self.attempts = max(1, attempts)
+        self.retry_delay = retry_delay
+        self.progress_interval = progress_interval
+        self._store: JobStore | None = None
+        self._jobs: dict[str, Transfer] = {}
+        self._running: dict[str, _Running] = {}
+        self._subscribers: dict[str, set[asyncio.Queue]] = {}
+        self._closing = False
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open the database and resume every unfinished job."""
+        self._store = JobStore(self.db_path)
+        unfinished = []
+        for t in self._store.load():
+            self._jobs[t.id] = t
+            if not t.state.final:
+                unfinished.append(t)
+        for t in unfinished:
+            log.info("transfer %s: resuming (%s -> %s, was %s)", t.id, t.spec.source, t.spec.destination,
+                     t.state.value)
+            self._launch(t)
+
+    async def close(self) -> None:
+        """Stop running copies without changing their state: the next start resumes them."""
+        self._closing = True
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for q in (q for qs in self._subscribers.values() for q in qs):
+            q.put_nowait(None)
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    async def __aenter__(self) -> JobManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ API
+    def submit(self, spec: TransferSpec, request_id: str = "") -> Transfer:
+        """Accept a job (validated now, run in the background); a known ``request_id`` returns its job."""
+        assert self._store is not None, "not started"
+        if request_id:
+            for t in self._jobs.values():
+                if t.request_id == request_id:
+                    return replace(t)
+        spec = _validate(spec)
+        if spec.source_agent and spec.source_agent != self.identity.name:
+            raise InvalidTransferError(
+                f"this agent is {self.identity.name!r}: it sends only its own data (source agent "
+                f"{spec.source_agent!r}); submit the transfer to the source agent")
+        self._source_path(spec.source)  # exists, no symlink, under the root
+        now = time.time()
+        t = Transfer("", spec, JobState.SUBMITTED, spec.rate_bps, request_id=request_id, created=now, updated=now)
+        t.id = self._store.insert(t)
+        self._jobs[t.id] = t
+        log.info("transfer %s: submitted %s -> %s%s", t.id, spec.source, spec.destination,
+                 f" at {spec.rate_bps} bit/s" if spec.rate_bps else "")
+        self._launch(t)
+        return replace(t)
+
+    def get(self, transfer_id: str) -> Transfer:
+        return replace(self._job(transfer_id))
+
+    def list(self, states: set[JobState] | frozenset[JobState] | None = None) -> list[Transfer]:
+        return [replace(t) for t in self._jobs.values() if not states or t.state in states]
+
+    def cancel(self, transfer_id: str) -> Transfer:
+        """Stop the job (state ``cancelled`` once its copy has stopped); a final job cannot be cancelled."""
+        t = self._job(transfer_id)
+        if t.state.final:
+            raise TransferStateError(f"{transfer_id} is {t.state.value}: cannot cancel")
+        run = self._running.get(transfer_id)
+        if run is not None and run.task is not None and not run.task.done():
+            run.cancel_requested = True
+            run.task.cancel()
+        else:
+            self._set_state(t, JobState.CANCELLED)
+        return replace(t)
+
+    async def cancel_and_wait(self, transfer_id: str) -> Transfer:
+        self.cancel(transfer_id)
+        run = self._running.get(transfer_id)
+        if run is not None and run.task is not None:
+            await asyncio.gather(run.task, return_exceptions=True)
+        return self.get(transfer_id)
+
+    def set_rate(self, transfer_id: str, rate_bps: int) -> Transfer:
+        """New pacing rate (bits/s, 0 = unlimited) of an unfinished job, effective at once."""
+        t = self._job(transfer_id)
+        try:
+            rate = int(check_rate(rate_bps))
+        except ConfigError as exc:
+            raise InvalidTransferError(str(exc)) from None
+        if t.state.final:
+            raise TransferStateError(f"{transfer_id} is {t.state.value}: cannot change its rate")
+        old = t.rate_bps
+        t.rate_bps = rate
+        run = self._running.get(transfer_id)
+        if run is not None and run.pacer is not None:
+            run.pacer.set_rate(rate)
+        self._save(t)
+        log.info("transfer %s: rate %d -> %d bit/s", t.id, old, rate)
+        if old != rate:
+            self._emit(t.id, RateChanged(t.id, time.time(), old, rate))
+        return replace(t)
+
+    async def wait(self, transfer_id: str) -> Transfer:
+        """Until the job is final; its last state."""
+        async for _ in self.watch(transfer_id):
+            pass
+        return self.get(transfer_id)
+
+    async def watch(self, transfer_id: str) -> AsyncIterator[TransferEvent]:
+        """The current state and progress first, then every change until the job is final."""
+        t = self._job(transfer_id)
+        q: asyncio.Queue = asyncio.Queue()
+        subs = self._subscribers.setdefault(transfer_id, set())
+        subs.add(q)
+        try:
+            now = time.time()
+            yield StateChanged(t.id, now, None, t.state, t.error)
+            yield self._progressed(t, now, 0)
+            if t.state.final:
+                return
+            while True:
+                ev = await q.get()
+                if ev is None:  # the manager is closing
+                    return
+                yield ev
+                if isinstance(ev, StateChanged) and ev.new.final:
+                    return
+        finally:
+            subs.discard(q)
+            if not subs:
+                self._subscribers.pop(transfer_id, None)
+
+    # ------------------------------------------------------------ internals
+    def _job(self, transfer_id: str) -> Transfer:
+        t = self._jobs.get(transfer_id)
+        if t is None:
+            raise UnknownTransferError(transfer_id)
+        return t
+
+    def _source_path(self, rel: str) -> str:
+        root = SafeRoot(self.root, create=False)
+        try:
+            parts = split_relpath(rel)
+            parent = root.dir_fd(parts[:-1], create=False)
+            try:
+                os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise PathError(f"{rel}: no such file or directory under this agent's root") from None
+            return root.resolve(rel)
+        except (PathError, OSError) as exc:
+            raise InvalidTransferError(str(exc)) from None
+        finally:
+            root.close()
+
+    def _save(self, t: Transfer) -> None:
+        t.updated = time.time()
+        if self._store is not None:
+            self._store.update(t)
+
+    def _emit(self, transfer_id: str, event: TransferEvent) -> None:
+        for q in self._subscribers.get(transfer_id, ()):
+            q.put_nowait(event)
+
+    def _set_state(self, t: Transfer, state: JobState, error: str = "") -> None:
+        old = t.state
+        t.state, t.error = state, error
+        self._save(t)
+        log.info("transfer %s: %s -> %s%s", t.id, old.value, state.value, f" ({error})" if error else "")
+        self._emit(t.id, StateChanged(t.id, time.time(), old, state, error))
+
+    @staticmethod
+    def _progressed(t: Transfer, now: float, rate_bps: int) -> Progressed:
+        return Progressed(t.id, now, t.bytes_done, t.bytes_total, t.files_done, t.files_total, rate_bps,
+                          t.chunks_retried)
+
+    def _launch(self, t: Transfer) -> None:
+        run = _Running()
+        self._running[t.id] = run
+        run.task = asyncio.get_running_loop().create_task(self._run(t, run), name=f"dxa-transfer-{t.id}")
+
+    async def _run(self, t: Transfer, run: _Running) -> None:
+        reporter = asyncio.get_running_loop().create_task(self._report(t, run))
+        try:
+            await self._attempts(t, run)
+        except asyncio.CancelledError:
+            if run.cancel_requested and not self._closing:
+                self._set_state(t, JobState.CANCELLED)
+            elif self._store is not None:
+                self._save(t)  # shutdown: stays unfinished, resumed by the next start
+        except Exception as exc:  # a job never takes the daemon down
+            log.exception("transfer %s failed", t.id)
+            self._set_state(t, JobState.FAILED, str(exc) or type(exc).__name__)
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+            self._running.pop(t.id, None)
+
+    async def _attempts(self, t: Transfer, run: _Running) -> None:
+        source = self._source_path(t.spec.source)
+        opts = replace(self.options, recursive=t.spec.recursive)
+        if t.state is not JobState.TRANSFERRING:
+            self._set_state(t, JobState.TRANSFERRING)
+        error = ""
+        for attempt in range(1, self.attempts + 1):
+            run.progress = Progress()
+            run.pacer = SharedPacer(t.rate_bps)
+            try:
+                result: CopyResult = await copy([source], t.spec.destination, identity=self.identity, options=opts,
+                                                progress=run.progress, pacer=run.pacer)
+            except (BrokenConnectionError, ConnectionError, OSError) as exc:
+                error = str(exc) or type(exc).__name__
+            except DxaError as exc:  # authentication, path refused, protocol: re-running will not help
+                self._set_state(t, JobState.FAILED, f"{type(exc).__name__}: {exc}")
+                return
+            else:
+                t.bytes_total, t.bytes_skipped = result.bytes_total, result.bytes_skipped
+                t.bytes_done = result.bytes_total if result.verified else run.progress.bytes_done
+                t.files_total, t.files_done = result.files, result.files_ok
+                t.chunks_retried += result.chunks_retried
+                if result.verified:
+                    self._emit(t.id, self._progressed(t, time.time(), 0))
+                    self._set_state(t, JobState.DONE)
+                    return
+                error = "; ".join(result.errors[:3]) or "incomplete"
+            finally:
+                run.pacer = None
+            log.warning("transfer %s: attempt %d/%d ended: %s", t.id, attempt, self.attempts, error)
+            if attempt < self.attempts:
+                self._save(t)
+                await asyncio.sleep(self.retry_delay * attempt)
+        self._set_state(t, JobState.FAILED, error)
+
+    async def _report(self, t: Transfer, run: _Running) -> None:
+        """Every ``progress_interval``: copy the copy's progress into the job, announce it, save it."""
+        last_t, last_b = time.monotonic(), None
+        last_save = 0.0
+        while True:
+            await asyncio.sleep(self.progress_interval)
+            p = run.progress
+            if t.state is not JobState.TRANSFERRING or not p.bytes_total and not p.files_total:
+                continue
+            t.bytes_total, t.bytes_done = p.bytes_total, p.bytes_done
+            t.files_total, t.files_done = p.files_total, p.files_done
+            now = time.monotonic()
+            rate = 0 if last_b is None else max(0, int((p.bytes_done - last_b) * 8 / max(now - last_t, 1e-3)))
+            last_t, last_b = now, p.bytes_done
+            self._emit(t.id, self._progressed(t, time.time(), rate))
+            if now - last_save >= 1.0:
+                last_save = now
+                self._save(t)

@@ -1,0 +1,266 @@
+"""The agent daemon's TransferService: jobs on agent A push to agent B, driven through gRPC.
+
+Two in-process daemons (A and B, each a Server on its own loop); A also runs a JobManager
+and the gRPC TransferServer on its loop, as ``dxa serve --grpc`` does.  The client runs in
+the test's own loop.  Paced jobs make "in the middle of a transfer" reachable without
+timing assumptions: the tests wait for progress events, never for wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+
+import grpc
+import pytest
+
+from agent.config import TransferOptions
+from agent.service.client import Client, TransferServiceError
+from agent.service.grpc_server import TransferServer
+from agent.service.transfers import (
+    JobManager,
+    JobState,
+    Progressed,
+    RateChanged,
+    StateChanged,
+    TransferSpec,
+)
+from tests.conftest import InProcessServer, make_tree, same_tree
+
+OPTS = TransferOptions.for_test(compress="off")
+SLOW = 4_000_000  # 500 kB/s: a 2 MiB file takes 4 s, so a test can act while it moves
+
+
+class Agents:
+    def __init__(self, tmp_path, identity) -> None:
+        self.tmp, self.identity = tmp_path, identity
+        self.a = InProcessServer(tmp_path / "root-a", identity)
+        self.b = InProcessServer(tmp_path / "root-b", identity)
+        self.db = str(tmp_path / "root-a" / ".dxa" / "transfers.sqlite")
+        self.manager: JobManager | None = None
+        self.grpc: TransferServer | None = None
+        self.start_manager()
+
+    def on_a(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.a.loop).result(timeout)
+
+    def start_manager(self) -> None:
+        async def start():
+            m = JobManager(str(self.a.root), self.db, self.identity, options=OPTS, retry_delay=0.2)
+            await m.start()
+            g = TransferServer(m, self.identity)
+            await g.start()
+            return m, g
+        self.manager, self.grpc = self.on_a(start())
+
+    def stop_manager(self) -> None:
+        async def stop():
+            await self.grpc.stop()
+            await self.manager.close()
+        self.on_a(stop())
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc.port}"
+
+    def dest(self, path: str) -> str:
+        return self.b.url(path)
+
+    def close(self) -> None:
+        self.stop_manager()
+        self.a.close()
+        self.b.close()
+
+
+@pytest.fixture
+def agents(tmp_path, identity):
+    ag = Agents(tmp_path, identity)
+    yield ag
+    ag.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_third_party_push_through_grpc_arrives_identical(agents, identity):
+    make_tree(agents.a.root / "data", files=12, big=300_000)
+
+    async def go():
+        async with Client(agents.target, identity) as c:
+            t = await c.submit("data", agents.dest("incoming/data"), recursive=True)
+            assert t.id and t.state in (JobState.SUBMITTED, JobState.TRANSFERRING)
+            events = [ev async for ev in c.watch(t.id)]
+            return t, events, await c.get(t.id), await c.list(), await c.list([JobState.FAILED])
+
+    t, events, final, everything, failed = run(go())
+    assert isinstance(events[0], StateChanged) and isinstance(events[-1], StateChanged)
+    assert events[-1].new is JobState.DONE, events[-1]
+    assert final.state is JobState.DONE and final.bytes_done == final.bytes_total > 300_000
+    assert final.files_done == final.files_total >= 13  # files and directories
+    assert [x.id for x in everything] == [t.id] and failed == []
+    assert same_tree(agents.a.root / "data", agents.b.root / "incoming" / "data")
+
+
+def test_set_rate_then_cancel_then_resubmit_resumes(agents, identity):
+    src = agents.a.root / "big.bin"
+    src.write_bytes(os.urandom(2 << 20))
+
+    async def go():
+        async with Client(agents.target, identity) as c:
+            t = await c.submit("big.bin", agents.dest("big.bin"), rate=SLOW)
+            seen, cancelled = [], False
+            async for ev in c.watch(t.id):
+                seen.append(ev)
+                if isinstance(ev, Progressed) and ev.bytes_done >= 400_000 and not cancelled:
+                    changed = await c.set_rate(t.id, SLOW // 2)
+                    assert changed.rate_bps == SLOW // 2
+                    await c.cancel(t.id)
+                    cancelled = True
+            first = await c.get(t.id)
+            again = await c.submit("big.bin", agents.dest("big.bin"))  # unpaced: finishes at once
+            return seen, first, await c.wait(again.id)
+
+    seen, first, second = run(go())
+    assert any(isinstance(ev, RateChanged) and ev.new_rate_bps == SLOW // 2 for ev in seen)
+    assert seen[-1].new is JobState.CANCELLED and first.state is JobState.CANCELLED
+    assert first.bytes_done < first.bytes_total or first.bytes_total == 0
+    assert second.state is JobState.DONE, second.error
+    assert second.bytes_skipped > 0, "the re-submitted job should resume the cancelled one"
+    assert (agents.b.root / "big.bin").read_bytes() == src.read_bytes()
+
+
+def test_restarted_manager_resumes_unfinished_job(agents, identity):
+    src = agents.a.root / "big.bin"
+    src.write_bytes(os.urandom(2 << 20))
+
+    async def submit_and_wait_for_progress():
+        t = agents.manager.submit(TransferSpec(
+            "big.bin", agents.dest("big.bin"), rate_bps=SLOW))
+        async for ev in agents.manager.watch(t.id):
+            if isinstance(ev, Progressed) and ev.bytes_done >= 600_000:
+                break
+        return t.id
+
+    tid = agents.on_a(submit_and_wait_for_progress())
+    agents.stop_manager()  # the daemon stops: the job is left unfinished in SQLite
+    with sqlite3.connect(agents.db) as db:
+        assert db.execute("SELECT state FROM transfers").fetchall() == [("transferring",)]
+
+    agents.start_manager()  # same database: the job is picked up again
+
+    async def finish():
+        async with Client(agents.target, identity) as c:
+            await c.set_rate(tid, 0)  # unlimited from here on
+            return await c.wait(tid)
+
+    done = run(finish())
+    assert done.state is JobState.DONE, done.error
+    assert done.bytes_skipped > 0
+    assert (agents.b.root / "big.bin").read_bytes() == src.read_bytes()
+
+
+def test_refusals_have_grpc_status_codes(agents, identity):
+    (agents.a.root / "f.bin").write_bytes(b"x" * 1000)
+    (agents.a.root / "link").symlink_to("f.bin")
+
+    async def go():
+        codes = {}
+        async with Client(agents.target, identity) as c:
+            for name, call in [("unknown", c.get("t999")), ("escape", c.submit("../etc", agents.dest("x"))),
+                               ("missing", c.submit("nope", agents.dest("x"))),
+                               ("state", c.submit(".dxa/transfers.sqlite", agents.dest("x"))),
+                               ("not a url", c.submit("f.bin", "/tmp/x")),
+                               ("other source", c.submit("f.bin", agents.dest("x"), source_agent="elsewhere"))]:
+                with pytest.raises(TransferServiceError) as ei:
+                    await call
+                codes[name] = ei.value.code
+            done = await c.wait((await c.submit("f.bin", agents.dest("f.bin"))).id)
+            with pytest.raises(TransferServiceError) as ei:
+                await c.cancel(done.id)
+            codes["cancel done"] = ei.value.code
+            with pytest.raises(TransferServiceError) as ei:
+                async for _ in c.watch("t999"):
+                    pass
+            codes["watch unknown"] = ei.value.code
+            again = await c.submit("f.bin", agents.dest("f2.bin"), request_id="req-1")
+            same = await c.submit("f.bin", agents.dest("f2.bin"), request_id="req-1")
+            await c.wait(same.id)
+            return codes, done, again, same
+
+    codes, done, again, same = run(go())
+    assert codes == {"unknown": grpc.StatusCode.NOT_FOUND, "escape": grpc.StatusCode.INVALID_ARGUMENT,
+                     "missing": grpc.StatusCode.INVALID_ARGUMENT,
+                     "state": grpc.StatusCode.INVALID_ARGUMENT, "not a url": grpc.StatusCode.INVALID_ARGUMENT,
+                     "other source": grpc.StatusCode.INVALID_ARGUMENT,
+                     "cancel done": grpc.StatusCode.FAILED_PRECONDITION,
+                     "watch unknown": grpc.StatusCode.NOT_FOUND}
+    assert done.state is JobState.DONE and again.id == same.id
+
+
+def test_client_from_a_foreign_ca_is_refused(agents, tmp_path):
+    from agent.store.pki import init_home, load_identity
+
+    init_home(tmp_path / "intruder", "intruder")
+    (agents.a.root / "f.bin").write_bytes(b"x" * 1000)
+
+    async def go():
+        async with Client(agents.target, load_identity(tmp_path / "intruder"), timeout=5) as c:
+            await c.submit("f.bin", agents.dest("stolen.bin"))
+
+    with pytest.raises(TransferServiceError) as ei:
+        run(go())
+    assert ei.value.code is grpc.StatusCode.UNAVAILABLE
+    assert agents.manager.list() == [] and not (agents.b.root / "stolen.bin").exists()
+
+
+def test_cli_serve_grpc_submit_status_rate_cancel(tmp_path, home, daemon_factory):
+    """dxa serve --grpc on agent A, dxa submit/status/rate/cancel against it, pushing to agent B."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, dxa
+
+    b = daemon_factory(tmp_path / "root-b")
+    root_a = tmp_path / "root-a"
+    root_a.mkdir()
+    (root_a / "f.bin").write_bytes(os.urandom(200_000))
+    port_file, grpc_file = tmp_path / "a.port", tmp_path / "a.grpc"
+    env = dict(os.environ, DXA_HOME=str(home), PYTHONPATH=str(REPO))
+    with open(tmp_path / "a.log", "wb") as log:
+        a = subprocess.Popen([sys.executable, "-m", "agent.cli.main", "serve", "--listen", "127.0.0.1:0", "--root",
+                              str(root_a), "--port-file", str(port_file), "--grpc", "127.0.0.1:0",
+                              "--grpc-port-file", str(grpc_file)], env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 20
+            while not grpc_file.exists():
+                assert a.poll() is None and time.monotonic() < deadline, (tmp_path / "a.log").read_text()
+                time.sleep(0.05)
+            agent_addr = f"127.0.0.1:{grpc_file.read_text()}"
+
+            r = dxa(home, "submit", "f.bin", b.url("in/f.bin"), "--agent", agent_addr, "--wait", "--json",
+                    "--rate", "800M")
+            assert r.returncode == 0, r.stderr
+            job = json.loads(r.stdout)
+            assert job["state"] == "done" and job["bytes_done"] == 200_000 and job["rate_bps"] == 800_000_000
+            assert (b.root / "in" / "f.bin").read_bytes() == (root_a / "f.bin").read_bytes()
+
+            r = dxa(home, "status", "--agent", agent_addr, "--json")
+            assert r.returncode == 0 and [t["id"] for t in json.loads(r.stdout)] == [job["id"]]
+            r = dxa(home, "status", job["id"], "--agent", agent_addr)
+            assert r.returncode == 0 and "done" in r.stdout and "f.bin" in r.stdout
+            r = dxa(home, "rate", job["id"], "100M", "--agent", agent_addr)
+            assert r.returncode == 2 and "FAILED_PRECONDITION" in r.stderr
+            r = dxa(home, "cancel", "t99", "--agent", agent_addr)
+            assert r.returncode == 2 and "NOT_FOUND" in r.stderr
+            r = dxa(home, "submit", "../x", b.url("x"), "--agent", agent_addr)
+            assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr
+            r = dxa(home, "status", "--agent", "127.0.0.1:1")
+            assert r.returncode == 4
+        finally:
+            a.send_signal(signal.SIGTERM)
+            assert a.wait(20) == 0
