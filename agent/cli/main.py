@@ -207,7 +207,7 @@ def cmd_serve(args) -> int:
     async def main() -> None:
         server = Server(config, identity)
         await server.start()
-        transfers = await _start_transfers(args, config, identity) if args.grpc else None  # --grpc (TransferService)
+        transfers = await _start_transfers(args, config, identity)  # --grpc: the TransferService (or None)
         if args.port_file:
             with open(args.port_file + ".tmp", "w") as fh:
                 fh.write(str(server.port))
@@ -230,8 +230,11 @@ async def _start_transfers(args, config, identity):
     """``dxa serve --grpc``: the TransferService and its jobs, next to the data port, on the same loop."""
     from agent.service.grpc_server import start_daemon_service
 
+    listen = _setting(args, _config(args), "serve", "grpc", None)
+    if not listen:
+        return None
     db = os.path.join(os.path.dirname(config.journal_path), "transfers.sqlite")
-    service = await start_daemon_service(args.grpc, config.root, db, identity)
+    service = await start_daemon_service(listen, config.root, db, identity)
     if args.grpc_port_file:
         with open(args.grpc_port_file + ".tmp", "w") as fh:
             fh.write(str(service[0].port))
