@@ -220,11 +220,11 @@ class ServerMetrics:
         for s in live:
             b = s.driver.stats.bytes_wire
             dt = now - s.last_t
-            if dt > 0:
+            if dt >= self.interval / 2:  # a session that just started waits a whole interval for its rate
                 s.rate = max(0, b - s.last_bytes) / dt
-            s.last_bytes, s.last_t = b, now
+                s.last_bytes, s.last_t = b, now
             counts = _live_counts(s.driver)
-            s.counts = tuple(max(a, b) for a, b in zip(counts, s.counts))
+            s.counts = tuple(max(new, old) for new, old in zip(counts, s.counts))
             for sock in _sockets(s.driver):
                 info = read_tcp_info(sock)
                 if info is None:

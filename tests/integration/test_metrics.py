@@ -78,15 +78,15 @@ def test_live_transfer_shows_rate_rtt_and_active(tmp_path, metrics_server, ident
     srv.server.metrics.interval = 0.2
     port = srv.server.metrics.port
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "f.bin").write_bytes(b"x" * 3_000_000)
+    (tmp_path / "src" / "f.bin").write_bytes(b"x" * 4_500_000)
     for i in range(6):
         (tmp_path / "src" / f"small{i}.bin").write_bytes(b"y" * 1000)
-    opts = TransferOptions.for_test(recursive=True, rate=8 * 1_500_000, compress="off")  # ~2 s
+    opts = TransferOptions.for_test(recursive=True, rate=8 * 1_500_000, compress="off")  # ~3 s
 
     async def main():
         task = asyncio.create_task(copy([str(tmp_path / "src")], srv.url("paced"), identity=identity, options=opts))
-        seen = None
-        for _ in range(60):
+        seen = m = None
+        for _ in range(80):
             await asyncio.sleep(0.1)
             m = await asyncio.to_thread(scrape, port)
             rates = [v for (name, _), v in m.items() if name == "dxa_transfer_rate_bytes_per_second"]
@@ -94,12 +94,14 @@ def test_live_transfer_shows_rate_rtt_and_active(tmp_path, metrics_server, ident
             if rates and rates[0] > 0 and rtts and m[("dxa_files_completed_total", ())] > 0:
                 seen = m, rates[0], rtts[0]
                 break
+            if task.done():
+                break
         res = await task
-        return seen, res
+        return seen, m, res
 
-    seen, res = asyncio.run(main())
+    seen, last, res = asyncio.run(main())
     assert res.verified
-    assert seen is not None, "never saw a live rate and RTT"
+    assert seen is not None, f"never saw a live rate, an RTT and a finished file: {last}"
     m, rate, rtt = seen
     assert m[("dxa_active_transfers", ())] == 1
     assert 0 < m[("dxa_bytes_total", (("direction", "received"),))] < res.bytes_sent
