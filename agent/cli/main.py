@@ -424,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "transfers, rate per transfer, RTT and retransmits per peer); off by default")
     s.add_argument("--grpc", metavar="HOST:PORT",
                    help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
-                        "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/cancel/rate); off by default")
+                        "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "
+                        "off by default")
     s.add_argument("--grpc-port-file", dest="grpc_port_file", metavar="FILE", help="write the bound gRPC port here")
     s.set_defaults(func=cmd_serve)
 
@@ -483,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an agent that does not heartbeat for this long loses its reservations (default 30)")
     s.set_defaults(func=cmd_controller_serve)
 
-    from agent.cli.transfers import add_commands as _add_transfer_commands  # dxa submit/status/cancel/rate
+    from agent.cli.transfers import add_commands as _add_transfer_commands  # dxa submit/status/watch/cancel/rate
 
     _add_transfer_commands(sub, common)
     return p

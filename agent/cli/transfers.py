@@ -1,4 +1,4 @@
-"""``dxa submit / status / cancel / rate``: the CLI of an agent's TransferService (agent.Client).
+"""``dxa submit / status / watch / cancel / rate``: the CLI of an agent's TransferService (agent.Client).
 
 Kept apart from agent/cli/main.py, which only registers these commands (``add_commands``).
 Exit status: 0 ok (``submit --wait``: the transfer is done), 1 the transfer failed or was
@@ -125,6 +125,80 @@ def cmd_rate(args) -> int:
     return _run(args, go)
 
 
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _table(rows: list[tuple]) -> str:
+    """rows: (transfer, current rate in bit/s or None)."""
+    head = (f"{'ID':<6} {'STATE':<12} {'DONE':>6} {'BYTES':>22} {'NOW':>10} {'PACE':>9} {'FILES':>9}  "
+            "SOURCE -> DESTINATION")
+    out = [head]
+    for t, now in rows:
+        pct = f"{100 * t.bytes_done / t.bytes_total:5.1f}%" if t.bytes_total else "     -"
+        size = f"{_human_bytes(t.bytes_done)}/{_human_bytes(t.bytes_total)}"
+        cur = "-" if now is None or t.state.final else _rate_text(now) + "b/s" if now else "0"
+        out.append(f"{t.id:<6} {t.state.value:<12} {pct:>6} {size:>22} {cur:>10} {_rate_text(t.rate_bps):>9} "
+                   f"{f'{t.files_done}/{t.files_total}':>9}  {t.spec.source} -> {t.spec.destination}"
+                   + (f"  ({t.error})" if t.error else ""))
+    return "\n".join(out)
+
+
+def cmd_watch(args) -> int:
+    """A live table: one transfer (following its event stream) or all of them (polled)."""
+    import time
+
+    from agent.service.transfers import Progressed, RateChanged, StateChanged
+
+    tty = sys.stdout.isatty() and not args.json
+
+    def draw(rows) -> None:
+        if args.json:
+            print(json.dumps([dict(t.as_dict(), current_rate_bps=now) for t, now in rows]), flush=True)
+            return
+        text = _table(rows)
+        print(("\x1b[H\x1b[2J" + text) if tty else text + "\n", flush=True)
+
+    async def one(c):
+        t = await c.get(args.job)
+        now = None
+        async for ev in c.watch(args.job):
+            if isinstance(ev, StateChanged):
+                t.state, t.error = ev.new, ev.error
+            elif isinstance(ev, Progressed):
+                t.bytes_done, t.bytes_total = ev.bytes_done, ev.bytes_total
+                t.files_done, t.files_total, now = ev.files_done, ev.files_total, ev.current_rate_bps
+            elif isinstance(ev, RateChanged):
+                t.rate_bps = ev.new_rate_bps
+            if not isinstance(ev, StateChanged) or ev.new.final or ev.old is not None:
+                draw([(t, now)])
+        t = await c.get(args.job)
+        draw([(t, None)])
+        return _final_status(t)
+
+    async def every(c):
+        last: dict[str, tuple[float, int]] = {}
+        while True:
+            transfers = await c.list()
+            mono = time.monotonic()
+            rows = []
+            for t in transfers:
+                prev = last.get(t.id)
+                rate = int((t.bytes_done - prev[1]) * 8 / max(mono - prev[0], 1e-3)) if prev else None
+                last[t.id] = (mono, t.bytes_done)
+                rows.append((t, max(rate, 0) if rate is not None else None))
+            draw(rows)
+            if args.until_done and all(t.state.final for t in transfers):
+                return EXIT_OK
+            await asyncio.sleep(args.interval)
+
+    return _run(args, one if args.job else every)
+
+
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
     """Register submit, status, cancel and rate on the ``dxa`` subparsers."""
     client = argparse.ArgumentParser(add_help=False)
@@ -158,6 +232,17 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("job", metavar="JOB")
     s.add_argument("--wait", action="store_true", help="wait until the copy has stopped")
     s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("watch", parents=[common, client], help="a live table of an agent's transfers",
+                       description="Redraw a table of the agent's transfers (state, progress, current rate, "
+                                   "pacing rate, files) every --interval seconds; with JOB, follow that transfer's "
+                                   "event stream until it is done, failed or cancelled (exit 0 only if done). "
+                                   "--json prints one JSON list per refresh instead.")
+    s.add_argument("job", metavar="JOB", nargs="?", help="follow this transfer (default: all, polled)")
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes of all (default 1)")
+    s.add_argument("--until-done", dest="until_done", action="store_true",
+                   help="without JOB: stop once every transfer is final")
+    s.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("rate", parents=[common, client], help="change the rate of a running transfer")
     s.add_argument("job", metavar="JOB")

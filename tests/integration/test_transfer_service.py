@@ -261,6 +261,19 @@ def test_cli_serve_grpc_submit_status_rate_cancel(tmp_path, home, daemon_factory
             assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr
             r = dxa(home, "status", "--agent", "127.0.0.1:1")
             assert r.returncode == 4
+
+            # dxa watch: follow a paced job (200 kB at 4 Mbit/s: ~0.4 s) until it is done
+            r = dxa(home, "submit", "f.bin", b.url("in/g.bin"), "--agent", agent_addr, "--json", "--rate", "4M")
+            assert r.returncode == 0, r.stderr
+            paced = json.loads(r.stdout)["id"]
+            r = dxa(home, "watch", paced, "--agent", agent_addr, "--json")
+            assert r.returncode == 0, r.stderr
+            frames = [json.loads(line) for line in r.stdout.splitlines()]
+            assert frames[-1][0]["state"] == "done" and frames[-1][0]["bytes_done"] == 200_000
+            r = dxa(home, "watch", "--agent", agent_addr, "--until-done", "--interval", "0.1")
+            assert r.returncode == 0 and "ID" in r.stdout and paced in r.stdout and "done" in r.stdout
+            r = dxa(home, "watch", "t99", "--agent", agent_addr)
+            assert r.returncode == 2
         finally:
             a.send_signal(signal.SIGTERM)
             assert a.wait(20) == 0
