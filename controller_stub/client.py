@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import grpc
 
 from agent.errors import DxaError
-from agent.service.credentials import channel_credentials
+from agent.service.credentials import MtlsClient
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.ledger import (
@@ -55,30 +55,15 @@ def _error(exc: grpc.aio.AioRpcError) -> ControllerError:
                            int(available) if available and available.isdigit() else None)
 
 
-class ControllerClient:
+class ControllerClient(MtlsClient):
     """One channel to the scheduler; every method is one RPC with a ``timeout`` (seconds)."""
+
+    _error = staticmethod(_error)
 
     def __init__(self, target: str, identity: Identity, *, server_name: str | None = None,
                  timeout: float = 10.0) -> None:
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        self.timeout = timeout
-        self._channel = grpc.aio.secure_channel(target, channel_credentials(identity), options=options)
+        super().__init__(target, identity, server_name=server_name, timeout=timeout)
         self._stub = convert.controller_stub(self._channel)
-
-    async def __aenter__(self) -> ControllerClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def _call(self, method, request):
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
 
     async def register_agent(self, name: str, site: str, addresses: Iterable[str], capacity_bps: int
                              ) -> tuple[Agent, float]:

@@ -21,7 +21,7 @@ import grpc
 
 from agent.errors import DxaError
 from agent.service import convert
-from agent.service.credentials import channel_credentials
+from agent.service.credentials import MtlsClient
 from agent.service.transfers import JobState, Transfer, TransferEvent, TransferSpec
 from agent.store.pki import Identity
 
@@ -46,33 +46,17 @@ def _error(exc: grpc.aio.AioRpcError) -> TransferServiceError:
     return TransferServiceError(exc.code(), exc.details() or "", meta.get("dxa-error", ""))
 
 
-class Client:
+class Client(MtlsClient):
     """One channel to an agent's TransferService (``target`` = ``HOST:PORT`` of ``dxa serve --grpc``)."""
+
+    _error = staticmethod(_error)
 
     def __init__(self, target: str, identity: Identity | None = None, *, home: str | None = None,
                  server_name: str | None = None, timeout: float = 10.0) -> None:
         from agent import _identity
 
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        self.timeout = timeout
-        self._channel = grpc.aio.secure_channel(target, channel_credentials(_identity(identity, home)),
-                                                options=options)
+        super().__init__(target, _identity(identity, home), server_name=server_name, timeout=timeout)
         self._stub = convert.transfer_stub(self._channel)
-
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def _call(self, method, request):
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
 
     async def submit(self, source: str, destination: str, *, rate: int = 0, recursive: bool = False,
                      priority: int = 0, request_id: str = "", source_agent: str = "") -> Transfer:

@@ -14,7 +14,7 @@ import grpc
 from agent.errors import ConfigError
 from agent.store.pki import Identity
 
-__all__ = ["channel_credentials", "server_credentials"]
+__all__ = ["channel_credentials", "server_credentials", "MtlsClient"]
 
 
 def _read(path: Path) -> bytes:
@@ -34,3 +34,34 @@ def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
     """Our certificate and key for the server to check; the server must be signed by our CA."""
     return grpc.ssl_channel_credentials(root_certificates=_read(identity.ca_cert), private_key=_read(identity.key),
                                         certificate_chain=_read(identity.cert))
+
+
+class MtlsClient:
+    """What every dxa gRPC client shares: one mutual-TLS channel, ``async with``, a
+    per-call timeout, and gRPC errors turned into the subclass's typed error by
+    ``_error(exc)``.  Subclasses set ``self._stub`` from ``self._channel``."""
+
+    def __init__(self, target: str, identity: Identity, *, server_name: str | None = None,
+                 timeout: float = 10.0) -> None:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self.timeout = timeout
+        self._channel = grpc.aio.secure_channel(target, channel_credentials(identity), options=options)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    @staticmethod
+    def _error(exc: grpc.aio.AioRpcError) -> Exception:
+        raise NotImplementedError
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
