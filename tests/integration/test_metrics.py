@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 import urllib.request
 
 import pytest
@@ -32,6 +33,19 @@ def scrape(port: int) -> dict[tuple, float]:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
+def settled(port: int, mode: str, count: int = 1, timeout: float = 10.0) -> dict[tuple, float]:
+    """Scrape once the daemon has closed the books on its last ``mode`` session: the
+    client returns on SUMMARY, a moment before the server's own end-of-session accounting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = scrape(port)
+        if m.get(("dxa_transfers_total", (("mode", mode), ("outcome", "ok")))) == count \
+                and m.get(("dxa_active_transfers", ())) == 0:
+            return m
+        assert time.monotonic() < deadline, f"session accounting never settled: {m}"
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def metrics_server(tmp_path, identity):
     srv = InProcessServer(tmp_path / "root", identity, metrics="127.0.0.1:0")
@@ -51,7 +65,7 @@ def test_scrape_after_push_and_pull(tmp_path, metrics_server, identity):
     src = make_tree(tmp_path / "src", files=12, big=600_000)
     res = asyncio.run(copy([str(src)], srv.url("d"), identity=identity, options=OPTS))
     assert res.verified and same_tree(src, srv.root / "d")
-    after = scrape(port)
+    after = settled(port, "push")
     assert after[("dxa_active_transfers", ())] == 0
     assert after[("dxa_bytes_total", (("direction", "received"),))] == res.bytes_sent > 600_000
     assert after[("dxa_files_completed_total", ())] == res.files_ok > 0
@@ -64,7 +78,7 @@ def test_scrape_after_push_and_pull(tmp_path, metrics_server, identity):
     out = tmp_path / "out"
     res = asyncio.run(copy([srv.url("d")], str(out), identity=identity, options=OPTS))
     assert res.verified
-    after2 = scrape(port)
+    after2 = settled(port, "pull")
     assert after2[("dxa_bytes_total", (("direction", "sent"),))] == res.bytes_sent > 600_000
     assert after2[("dxa_bytes_total", (("direction", "received"),))] == after[("dxa_bytes_total", (("direction", "received"),))]
     assert after2[("dxa_transfers_total", (("mode", "pull"), ("outcome", "ok")))] == 1
@@ -108,7 +122,7 @@ def test_live_transfer_shows_rate_rtt_and_active(tmp_path, metrics_server, ident
     assert 0 < m[("dxa_files_completed_total", ())] < res.files_ok == 8  # 7 files and their directory
     assert 0 < rate < 50_000_000
     assert 0 < rtt < 1.0
-    end = scrape(port)
+    end = settled(port, "push")
     assert end[("dxa_active_transfers", ())] == 0
     assert end[("dxa_files_completed_total", ())] == 8
     assert end[("dxa_bytes_total", (("direction", "received"),))] == res.bytes_sent
@@ -122,7 +136,7 @@ def test_two_servers_have_separate_registries(tmp_path, identity):
         assert a.server.metrics.registry is not b.server.metrics.registry
         src = make_tree(tmp_path / "src", files=3)
         asyncio.run(copy([str(src)], a.url("x"), identity=identity, options=OPTS))
-        assert scrape(a.server.metrics.port)[("dxa_transfers_total", (("mode", "push"), ("outcome", "ok")))] == 1
+        assert settled(a.server.metrics.port, "push")[("dxa_transfers_total", (("mode", "push"), ("outcome", "ok")))] == 1
         assert ("dxa_transfers_total", (("mode", "push"), ("outcome", "ok"))) not in scrape(b.server.metrics.port)
     finally:
         a.close()
