@@ -137,7 +137,10 @@ def test_any_ledger_state_round_trips(tmp_path_factory, ops):
         elif op == "start" and live:
             r = live[n % len(live)]
             if r.state is State.RESERVED and r.start <= now:
-                ledger.start(r.id, now)
+                try:
+                    ledger.start(r.id, now)
+                except InvalidTransitionError:  # its window ended since: released as FAILED
+                    pass
         elif op == "release" and live:
             ledger.release(live[n % len(live)].id, State.CANCELLED, now)
         elif op == "rate" and live and live[n % len(live)].state.holds_capacity:
