@@ -40,7 +40,8 @@ environment:
 config file ($DXA_HOME/config.toml, or --config FILE):
   [cp]    streams = 8, chunk_size = "8M", compress = "auto", cipher = "aes256gcm"
   [serve] listen = "0.0.0.0:7400", root = "/srv/dxa", state_dir = "/var/lib/dxa",
-          metrics = "127.0.0.1:9400"
+          metrics = "127.0.0.1:9400", grpc = "127.0.0.1:7401",
+          controller = "sched:7500", site = "geneva", capacity = "10G"
 
 exit status:
   0 everything arrived verified   1 transfer incomplete (re-run to resume)
@@ -204,10 +205,19 @@ def cmd_serve(args) -> int:
     log = logging.getLogger("agent.serve")
     log.info("dxa %s, node %s, native code: %s", __version__, identity.name, IMPLEMENTATION)
 
+    controller = _controller_settings(args, cfg)
+
     async def main() -> None:
         server = Server(config, identity)
         await server.start()
-        transfers = await _start_transfers(args, config, identity)  # --grpc: the TransferService (or None)
+        link = await _start_scheduler_link(controller, identity, f"{config.host}:{server.port}")
+        try:
+            # --grpc: the TransferService (or None)
+            transfers = await _start_transfers(args, config, identity, link)
+        except BaseException:
+            if link is not None:
+                await link.close()
+            raise
         if args.port_file:
             with open(args.port_file + ".tmp", "w") as fh:
                 fh.write(str(server.port))
@@ -220,13 +230,47 @@ def cmd_serve(args) -> int:
         log.info("shutting down")
         if transfers is not None:
             await _stop_transfers(*transfers)
+        if link is not None:
+            await link.close()
         await server.close()
 
     asyncio.run(main())
     return EXIT_OK
 
 
-async def _start_transfers(args, config, identity):
+def _controller_settings(args, cfg: dict) -> tuple[str, str, int] | None:
+    """``--controller HOST:PORT`` with ``--site`` and ``--capacity`` (bits/s), or None (the default: no scheduler)."""
+    from agent.config import parse_rate
+
+    target = _setting(args, cfg, "serve", "controller", None)
+    if not target:
+        return None
+    host, _, port = str(target).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--controller wants HOST:PORT, got {target!r}")
+    site = _setting(args, cfg, "serve", "site", None)
+    capacity = _setting(args, cfg, "serve", "capacity", None)
+    if not site or not capacity:
+        raise ConfigError("dxa serve --controller needs --site NAME and --capacity RATE (this agent's link, bits/s)")
+    rate = int(parse_rate(str(capacity)))
+    if rate <= 0:
+        raise ConfigError(f"--capacity must be positive, got {capacity!r}")
+    return str(target), str(site), rate
+
+
+async def _start_scheduler_link(controller, identity, address: str):
+    """``dxa serve --controller``: register with the scheduler and heartbeat in the background."""
+    if controller is None:
+        return None
+    from agent.service.scheduling import SchedulerLink
+
+    target, site, capacity = controller
+    link = SchedulerLink(target, identity, site=site, capacity_bps=capacity, addresses=[address])
+    await link.start()
+    return link
+
+
+async def _start_transfers(args, config, identity, link=None):
     """``dxa serve --grpc``: the TransferService and its jobs, next to the data port, on the same loop."""
     from agent.service.grpc_server import start_daemon_service
 
@@ -234,7 +278,7 @@ async def _start_transfers(args, config, identity):
     if not listen:
         return None
     db = os.path.join(os.path.dirname(config.journal_path), "transfers.sqlite")
-    service = await start_daemon_service(listen, config.root, db, identity)
+    service = await start_daemon_service(listen, config.root, db, identity, scheduler=link)
     if args.grpc_port_file:
         with open(args.grpc_port_file + ".tmp", "w") as fh:
             fh.write(str(service[0].port))
@@ -427,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "
                         "off by default")
     s.add_argument("--grpc-port-file", dest="grpc_port_file", metavar="FILE", help="write the bound gRPC port here")
+    s.add_argument("--controller", metavar="HOST:PORT",
+                   help="register with the scheduler (dxa controller serve) here and heartbeat; jobs with a rate "
+                        "then wait for a reservation and run at the granted rate; off by default")
+    s.add_argument("--site", metavar="NAME", help="with --controller: this agent's site in the scheduler's topology")
+    s.add_argument("--capacity", metavar="RATE",
+                   help="with --controller: this agent's link capacity, bits/s (e.g. 10G)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("cp", parents=[common, xfer], help="copy files to or from a dxa daemon",
@@ -484,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an agent that does not heartbeat for this long loses its reservations (default 30)")
     s.set_defaults(func=cmd_controller_serve)
 
-    from agent.cli.transfers import add_commands as _add_transfer_commands  # dxa submit/status/watch/cancel/rate
+    from agent.cli.transfers import (
+        add_commands as _add_transfer_commands,  # dxa submit/status/watch/cancel/rate
+    )
 
     _add_transfer_commands(sub, common)
     return p

@@ -101,7 +101,8 @@ def transfer_to_proto(t: Transfer) -> pb.Transfer:
     return pb.Transfer(id=t.id, spec=spec_to_proto(t.spec), state=state_to_proto(t.state), bytes_total=t.bytes_total,
                        bytes_done=t.bytes_done, files_total=t.files_total, files_done=t.files_done,
                        granted_rate_bps=t.rate_bps, created=seconds_to_timestamp(t.created),
-                       updated=seconds_to_timestamp(t.updated), error=t.error, bytes_skipped=t.bytes_skipped)
+                       updated=seconds_to_timestamp(t.updated), error=t.error, bytes_skipped=t.bytes_skipped,
+                       reservation_id=t.reservation_id)
 
 
 def transfer_from_proto(msg: pb.Transfer) -> Transfer:
@@ -109,7 +110,8 @@ def transfer_from_proto(msg: pb.Transfer) -> Transfer:
     return Transfer(id=msg.id, spec=spec_from_proto(msg.spec), state=state, rate_bps=msg.granted_rate_bps,
                     bytes_total=msg.bytes_total, bytes_done=msg.bytes_done, bytes_skipped=msg.bytes_skipped,
                     files_total=msg.files_total, files_done=msg.files_done, error=msg.error,
-                    created=timestamp_to_seconds(msg.created), updated=timestamp_to_seconds(msg.updated))
+                    created=timestamp_to_seconds(msg.created), updated=timestamp_to_seconds(msg.updated),
+                    reservation_id=msg.reservation_id)
 
 
 # ------------------------------------------------------------------- events

@@ -106,7 +106,7 @@ class TransferServer:
             self._server = None
 
 
-async def start_daemon_service(listen: str, root: str, db_path: str, identity: Identity
+async def start_daemon_service(listen: str, root: str, db_path: str, identity: Identity, *, scheduler=None
                                ) -> tuple[TransferServer, JobManager]:
     """What ``dxa serve --grpc HOST:PORT`` starts next to the data port: the jobs of ``db_path``
     (unfinished ones resume) and the gRPC server.  Stop with :func:`stop_daemon_service`."""
@@ -115,7 +115,7 @@ async def start_daemon_service(listen: str, root: str, db_path: str, identity: I
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--grpc wants HOST:PORT, got {listen!r}")
-    manager = JobManager(root, db_path, identity)
+    manager = JobManager(root, db_path, identity, scheduler=scheduler)
     await manager.start()
     server = TransferServer(manager, identity, host.strip("[]"), int(port))
     try:

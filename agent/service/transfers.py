@@ -6,9 +6,9 @@ job runs :func:`agent.aio.client.copy` on the daemon's event loop with its own
 :class:`~agent.aio.pacing.SharedPacer`, so :meth:`JobManager.set_rate` changes the rate of
 a running job at once.
 
-Lifecycle: ``submitted`` → ``transferring`` → ``done`` / ``failed`` / ``cancelled``
-(``reserved`` exists in the API for the scheduler and is not used until agents ask the
-scheduler for reservations).  A copy that ends incomplete or on a broken connection is
+Lifecycle: ``submitted`` → ``transferring`` → ``done`` / ``failed`` / ``cancelled``;
+a job that goes through the scheduler (a ``scheduler`` link and a rate) also passes
+``reserved`` once its reservation is admitted, and releases it when it ends.  A copy that ends incomplete or on a broken connection is
 re-run a few times (a re-run resumes from the destination's journal) before the job fails.
 Cancel stops the copy; the partial data stays at the destination and a new job with the
 same source and destination resumes it.
@@ -31,6 +31,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from agent.aio.client import CopyResult, copy, is_remote, parse_remote
 from agent.aio.pacing import SharedPacer
@@ -40,6 +41,9 @@ from agent.core.pacer import check_rate
 from agent.errors import BrokenConnectionError, ConfigError, DxaError, PathError
 from agent.store.pki import Identity
 from agent.store.safepath import RESERVED, SafeRoot, split_relpath
+
+if TYPE_CHECKING:
+    from agent.service.scheduling import SchedulerLink
 
 __all__ = [
     "InvalidTransferError",
@@ -125,6 +129,8 @@ class Transfer:
     request_id: str = ""
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    reservation_id: str = ""
+    """The scheduler's reservation of this job (``dxa serve --controller``), else empty."""
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -197,6 +203,9 @@ class JobStore:
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise ConfigError(f"{path}: transfer database schema {row[0]}, expected {SCHEMA_VERSION}")
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(transfers)")}
+            if "reservation_id" not in columns:  # added to schema 1 in place: older files gain it
+                self.db.execute("ALTER TABLE transfers ADD COLUMN reservation_id TEXT NOT NULL DEFAULT ''")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise ConfigError(f"{path}: not a transfer database ({exc})") from None
@@ -218,21 +227,21 @@ class JobStore:
     def update(self, t: Transfer) -> None:
         self.db.execute(
             "UPDATE transfers SET state=?, rate_bps=?, bytes_total=?, bytes_done=?, bytes_skipped=?, files_total=?,"
-            " files_done=?, chunks_retried=?, error=?, updated=? WHERE num=?",
+            " files_done=?, chunks_retried=?, error=?, updated=?, reservation_id=? WHERE num=?",
             (t.state.value, t.rate_bps, t.bytes_total, t.bytes_done, t.bytes_skipped, t.files_total, t.files_done,
-             t.chunks_retried, t.error, t.updated, int(t.id[1:])))
+             t.chunks_retried, t.error, t.updated, t.reservation_id, int(t.id[1:])))
 
     def load(self) -> list[Transfer]:
         rows = self.db.execute(
             "SELECT num, request_id, source, destination, spec_rate_bps, priority, recursive, source_agent, state,"
             " rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
-            " created, updated FROM transfers ORDER BY num").fetchall()
+            " created, updated, reservation_id FROM transfers ORDER BY num").fetchall()
         out = []
         for (num, rid, src, dst, srate, prio, rec, sagent, state, rate, bt, bd, bs, ft, fd, cr, err, cre,
-             upd) in rows:
+             upd, resv) in rows:
             spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent)
             out.append(Transfer(f"t{num}", spec, JobState(state), rate, bt, bd, bs, ft, fd, cr, err, rid or "",
-                                cre, upd))
+                                cre, upd, resv or ""))
         return out
 
 
@@ -260,6 +269,8 @@ class _Running:
         self.pacer: SharedPacer | None = None
         self.progress = Progress()
         self.cancel_requested = False
+        self.granted_bps: int | None = None
+        """The reservation's rate last seen from the scheduler (scheduled jobs)."""
 
 
 class JobManager:
@@ -268,10 +279,20 @@ class JobManager:
     ``root`` is the directory sources must lie under (the daemon's ``--root``);
     ``options`` the transfer options of every job (streams, chunk size, cipher...);
     ``attempts`` how many times a copy is run before the job fails.
+
+    ``scheduler`` (a started :class:`~agent.service.scheduling.SchedulerLink`, ``dxa serve
+    --controller``): a job with a rate asks the scheduler for a reservation of that rate from
+    this agent to the destination daemon (named by its certificate CN), stays ``submitted``
+    while it waits, becomes ``reserved`` when admitted, starts it and runs paced at the
+    granted rate, follows the reservation's rate (polled every ``poll_interval`` seconds)
+    and releases it when the job ends.  A job without a rate runs outside the scheduler.
     """
 
     def __init__(self, root: str, db_path: str, identity: Identity, *, options: TransferOptions | None = None,
-                 attempts: int = 3, retry_delay: float = 0.5, progress_interval: float = 0.5) -> None:
+                 attempts: int = 3, retry_delay: float = 0.5, progress_interval: float = 0.5,
+                 scheduler: SchedulerLink | None = None, poll_interval: float = 0.5) -> None:
+        self.scheduler = scheduler
+        self.poll_interval = poll_interval
         self.root = root
         self.db_path = db_path
         self.identity = identity
@@ -389,9 +410,12 @@ class JobManager:
         return replace(t)
 
     async def wait(self, transfer_id: str) -> Transfer:
-        """Until the job is final; its last state."""
+        """Until the job is final (and its reservation released); its last state."""
         async for _ in self.watch(transfer_id):
             pass
+        run = self._running.get(transfer_id)
+        if run is not None and run.task is not None:  # its reservation released too
+            await asyncio.gather(run.task, return_exceptions=True)
         return self.get(transfer_id)
 
     async def watch(self, transfer_id: str) -> AsyncIterator[TransferEvent]:
@@ -467,8 +491,13 @@ class JobManager:
         run.task = asyncio.get_running_loop().create_task(self._run(t, run), name=f"dxa-transfer-{t.id}")
 
     async def _run(self, t: Transfer, run: _Running) -> None:
-        reporter = asyncio.get_running_loop().create_task(self._report(t, run))
+        loop = asyncio.get_running_loop()
+        reporter = loop.create_task(self._report(t, run))
+        follower = None
         try:
+            if self.scheduler is not None and t.spec.rate_bps:
+                await self._reserve(t, run, self.scheduler)
+                follower = loop.create_task(self._follow(t, run, self.scheduler))
             await self._attempts(t, run)
         except asyncio.CancelledError:
             if run.cancel_requested and not self._closing:
@@ -479,9 +508,104 @@ class JobManager:
             log.exception("transfer %s failed", t.id)
             self._set_state(t, JobState.FAILED, str(exc) or type(exc).__name__)
         finally:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+            for task in (reporter, follower):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            if t.reservation_id and t.state.final and self.scheduler is not None:
+                await self._release(t, self.scheduler)
             self._running.pop(t.id, None)
+
+    # ------------------------------------------------------------ the scheduler
+    async def _reserve(self, t: Transfer, run: _Running, link: SchedulerLink) -> None:
+        """Until the job's reservation is TRANSFERRING (requested, admitted, started); its rate applied."""
+        import grpc
+
+        from agent.service.scheduling import peer_name
+        from controller_stub.client import ControllerError
+        from controller_stub.ledger import ReservationRequest, State
+
+        backoff, dest_name = 0.2, ""
+        while True:
+            try:
+                r = await link.reservation(t.reservation_id) if t.reservation_id else None
+                if r is None or r.state.released:
+                    if r is not None:
+                        log.info("transfer %s: reservation %s was released (%s); asking again", t.id, r.id,
+                                 r.reason or r.state.value)
+                    await link.wait_registered()
+                    if not dest_name:
+                        remote = parse_remote(t.spec.destination)
+                        dest_name = await peer_name(remote.host, remote.port, self.identity)
+                    decision = await link.client.request_reservation(ReservationRequest(
+                        link.name, dest_name, rate_bps=t.spec.rate_bps, priority=t.spec.priority))
+                    if decision.reservation is None:
+                        raise JobError(f"the scheduler refused the reservation ({decision.outcome.value})")
+                    r = decision.reservation
+                    t.reservation_id = r.id
+                    self._save(t)
+                    log.info("transfer %s: reservation %s %s (%s -> %s at %d bit/s)", t.id, r.id,
+                             decision.outcome.value, link.name, dest_name, r.rate_bps)
+                if r.state is State.SUBMITTED:
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                t.rate_bps = run.granted_bps = r.rate_bps
+                if r.state is State.RESERVED:
+                    if t.state is JobState.SUBMITTED:
+                        self._set_state(t, JobState.RESERVED)
+                    r = await link.client.start_reservation(r.id)
+                    t.rate_bps = run.granted_bps = r.rate_bps
+                self._save(t)
+                return
+            except ControllerError as exc:
+                transient = (exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                             or exc.kind == "LeaseExpiredError"
+                             or exc.kind == "UnknownAgentError" and link.name in exc.details)
+                if not transient:
+                    raise JobError(f"scheduler: {exc}") from None
+                log.warning("transfer %s: scheduler: %s; retrying", t.id, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+
+    async def _follow(self, t: Transfer, run: _Running, link: SchedulerLink) -> None:
+        """Apply the reservation's rate (changed by an operator or the scheduler) to the pacer."""
+        from controller_stub.client import ControllerError
+
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                r = await link.reservation(t.reservation_id)
+            except ControllerError as exc:  # the scheduler away: keep the granted rate
+                log.debug("transfer %s: cannot poll reservation %s: %s", t.id, t.reservation_id, exc)
+                continue
+            if r is None or r.state.released:
+                log.warning("transfer %s: reservation %s released by the scheduler (%s); continuing at %d bit/s",
+                            t.id, t.reservation_id, r.reason if r else "unknown", t.rate_bps)
+                return
+            if r.rate_bps != run.granted_bps:
+                run.granted_bps = r.rate_bps
+                if not t.state.final:
+                    self.set_rate(t.id, r.rate_bps)
+
+    async def _release(self, t: Transfer, link: SchedulerLink) -> None:
+        """Release the job's reservation with the job's outcome (retried while the scheduler is away)."""
+        from controller_stub.client import ControllerError
+        from controller_stub.ledger import State
+
+        outcome = {JobState.DONE: State.DONE, JobState.FAILED: State.FAILED}.get(t.state, State.CANCELLED)
+        for attempt in range(5):
+            try:
+                await link.client.release_reservation(t.reservation_id, outcome, t.error)
+                log.info("transfer %s: reservation %s released (%s)", t.id, t.reservation_id, outcome.value)
+                return
+            except ControllerError as exc:
+                import grpc
+
+                if exc.code is not grpc.StatusCode.UNAVAILABLE:
+                    log.info("transfer %s: reservation %s not released: %s", t.id, t.reservation_id, exc)
+                    return
+                log.warning("transfer %s: releasing %s: %s; retrying", t.id, t.reservation_id, exc)
+                await asyncio.sleep(0.5 * (attempt + 1))
 
     async def _attempts(self, t: Transfer, run: _Running) -> None:
         source = self._source_path(t.spec.source)

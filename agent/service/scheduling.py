@@ -1,0 +1,137 @@
+"""The agent's side of the scheduler (``dxa serve --controller HOST:PORT``).
+
+:class:`SchedulerLink` registers this agent with the scheduler (name = the CN of its
+certificate, its site, its link capacity) and heartbeats every third of the lease.  A
+failed heartbeat is logged and retried with exponential backoff (capped), never raised;
+when the scheduler answers that the agent is unknown or its lease expired (the scheduler
+was restarted from an old state, or the agent was away too long) the agent registers
+again.  The JobManager uses the same link for reservations (request, poll, start,
+release); see :mod:`agent.service.transfers`.
+
+The destination of a scheduled job is named for the scheduler by the common name of the
+destination daemon's certificate: :func:`peer_name` opens a TLS connection to its data
+port and reads it, so a submit needs nothing beyond the usual ``dxa://HOST:PORT/path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+import grpc
+
+from agent.aio.tls import client_context, peer_identity
+from agent.store.pki import Identity
+from controller_stub.client import ControllerClient, ControllerError
+from controller_stub.ledger import Reservation
+
+__all__ = ["SchedulerLink", "peer_name"]
+
+log = logging.getLogger(__name__)
+
+RE_REGISTER = ("UnknownAgentError", "LeaseExpiredError")
+
+
+async def peer_name(host: str, port: int, identity: Identity, timeout: float = 10.0) -> str:
+    """The node name (certificate CN) of the dxa daemon at ``host:port``, verified against our CA."""
+    _reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=client_context(identity), ssl_handshake_timeout=timeout), timeout)
+    try:
+        return peer_identity(writer.get_extra_info("ssl_object"))
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (OSError, ConnectionError):
+            pass
+
+
+class SchedulerLink:
+    """Registration and heartbeats of one agent; ``await start()``, ``await close()``.
+
+    ``interval`` (seconds between heartbeats) defaults to a third of the lease the
+    scheduler answers; ``backoff_max`` caps the wait between failed attempts.
+    """
+
+    def __init__(self, target: str, identity: Identity, *, site: str, capacity_bps: int,
+                 addresses: Iterable[str] = (), server_name: str | None = None, interval: float | None = None,
+                 timeout: float = 5.0, backoff_max: float = 5.0) -> None:
+        self.target = target
+        self.identity = identity
+        self.name = identity.name
+        self.site = site
+        self.capacity_bps = int(capacity_bps)
+        self.addresses = tuple(addresses)
+        self.interval = interval
+        self.backoff_max = backoff_max
+        self.client = ControllerClient(target, identity, server_name=server_name, timeout=timeout)
+        self.registered = asyncio.Event()
+        self.lease_timeout: float | None = None
+        self.registrations = 0
+        self.heartbeats = 0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Start registering and heart-beating in the background (the scheduler may be down)."""
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dxa-scheduler-link")
+
+    async def wait_registered(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.registered.wait(), timeout)
+
+    def stop_heartbeats(self) -> None:
+        """Stop registering and heart-beating (the scheduler will expire the lease); tests use it."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.client.close()
+
+    async def _register(self) -> None:
+        agent, lease = await self.client.register_agent(self.name, self.site, self.addresses, self.capacity_bps)
+        self.lease_timeout = lease
+        self.registrations += 1
+        self.registered.set()
+        log.info("registered with the scheduler %s as %s (site %s, %d bit/s, lease %.1f s)",
+                 self.target, agent.name, agent.site, agent.capacity_bps, lease)
+
+    async def _loop(self) -> None:
+        backoff = 0.0
+        need_register = True
+        while True:
+            try:
+                if need_register:
+                    await self._register()
+                    need_register = False
+                else:
+                    await self.client.heartbeat(self.name)
+                    self.heartbeats += 1
+                backoff = 0.0
+                await asyncio.sleep(self.interval or (self.lease_timeout or 30.0) / 3)
+            except asyncio.CancelledError:
+                raise
+            except ControllerError as exc:
+                if exc.kind in RE_REGISTER or exc.code is grpc.StatusCode.NOT_FOUND:
+                    log.warning("scheduler %s: %s; registering again", self.target, exc)
+                    self.registered.clear()
+                    need_register = True
+                else:
+                    log.warning("scheduler %s: %s%s", self.target, "registration" if need_register else "heartbeat",
+                                f" failed ({exc}); retrying")
+                backoff = min(self.backoff_max, max(0.1, backoff * 2))
+                await asyncio.sleep(backoff)
+            except Exception:  # never take the daemon down
+                log.exception("scheduler %s: unexpected error; retrying", self.target)
+                backoff = min(self.backoff_max, max(0.1, backoff * 2))
+                await asyncio.sleep(backoff)
+
+    async def reservation(self, reservation_id: str) -> Reservation | None:
+        """The reservation as the scheduler has it now (None: unknown to it)."""
+        for r in await self.client.list_reservations(self.name):
+            if r.id == reservation_id:
+                return r
+        return None

@@ -1,0 +1,282 @@
+"""Agents that use the scheduler: `dxa serve --controller` (issue 4 §3 lifecycle).
+
+In process: the scheduler (controller_stub.server, short injected lease) on its own loop,
+two data daemons ``alpha`` and ``beta`` (certificates from one CA) each on its own loop
+with a SchedulerLink; alpha also runs the JobManager.  Tests wait on events and on the
+ledger's state, never for fixed wall-clock times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import TransferOptions
+from agent.service.scheduling import SchedulerLink
+from agent.service.transfers import (
+    JobManager,
+    JobState,
+    Progressed,
+    RateChanged,
+    StateChanged,
+    TransferSpec,
+)
+from agent.store.pki import init_home, issue_cert
+from controller_stub.client import ControllerClient
+from controller_stub.ledger import LedgerConfig, State
+from controller_stub.server import ControllerServer
+from controller_stub.topology import load_topology
+from tests.conftest import InProcessServer
+
+REPO = Path(__file__).resolve().parents[2]
+TOPOLOGY = REPO / "controller_stub" / "topology.example.toml"
+OPTS = TransferOptions.for_test(compress="off")
+M = 10**6
+LEASE = 1.5
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 20):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Scheduled:
+    """The scheduler, alpha (site geneva, sends) and beta (site amsterdam, receives)."""
+
+    def __init__(self, tmp: Path, capacity_bps: int) -> None:
+        self.tmp = tmp
+        self.sched_ident, _ = init_home(tmp / "sched", "sched")
+        self.alpha_ident = issue_cert(tmp / "sched", "alpha", tmp / "alpha-home")
+        self.beta_ident = issue_cert(tmp / "sched", "beta", tmp / "beta-home")
+        self.sched_thread = LoopThread()
+        self.sched = self._new_scheduler(tmp / "ledger.db", 0)
+        self.target = f"127.0.0.1:{self.sched.port}"
+        self.a = InProcessServer(tmp / "root-a", self.alpha_ident)
+        self.b = InProcessServer(tmp / "root-b", self.beta_ident)
+
+        async def start_a():
+            link = SchedulerLink(self.target, self.alpha_ident, site="geneva", capacity_bps=capacity_bps,
+                                 interval=0.2, timeout=2.0, backoff_max=0.3)
+            await link.start()
+            await link.wait_registered(10)
+            m = JobManager(str(self.a.root), str(tmp / "root-a" / ".dxa" / "transfers.sqlite"), self.alpha_ident,
+                           options=OPTS, retry_delay=0.2, progress_interval=0.1, scheduler=link, poll_interval=0.1)
+            await m.start()
+            return link, m
+
+        async def start_b():
+            link = SchedulerLink(self.target, self.beta_ident, site="amsterdam", capacity_bps=10**10, interval=0.2,
+                                 timeout=2.0, backoff_max=0.3)
+            await link.start()
+            await link.wait_registered(10)
+            return link
+
+        self.link_a, self.manager = self.on_a(start_a())
+        self.link_b = asyncio.run_coroutine_threadsafe(start_b(), self.b.loop).result(20)
+
+    def _new_scheduler(self, state: Path, port: int) -> ControllerServer:
+        server = ControllerServer(self.sched_ident, load_topology(TOPOLOGY), state, host="127.0.0.1", port=port,
+                                  config=LedgerConfig(lease_timeout=LEASE), tick_interval=0.1)
+        self.sched_thread.run(server.start())
+        return server
+
+    def on_a(self, coro, timeout: float = 20):
+        return asyncio.run_coroutine_threadsafe(coro, self.a.loop).result(timeout)
+
+    def reservations(self):
+        return {r.id: r for r in self.sched_thread.run(self._list())}
+
+    async def _list(self):
+        return self.sched.ledger.reservations()
+
+    def wait_for(self, pred, timeout: float = 10.0, what: str = ""):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = pred()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what or pred}")
+
+    def close(self) -> None:
+        async def stop_a():
+            await self.manager.close()
+            await self.link_a.close()
+        self.on_a(stop_a())
+        asyncio.run_coroutine_threadsafe(self.link_b.close(), self.b.loop).result(10)
+        self.sched_thread.run(self.sched.stop())
+        self.sched_thread.close()
+        self.a.close()
+        self.b.close()
+
+
+@pytest.fixture
+def small(tmp_path):
+    s = Scheduled(tmp_path, capacity_bps=6 * M)
+    yield s
+    s.close()
+
+
+def test_a_job_is_reserved_paced_released_and_the_waiter_starts_when_it_ends(small):
+    s = small
+    (s.a.root / "one.bin").write_bytes(os.urandom(500_000))
+    (s.a.root / "two.bin").write_bytes(os.urandom(300_000))
+
+    async def go():
+        m = s.manager
+        first = m.submit(TransferSpec("one.bin", s.b.url("one.bin"), rate_bps=4 * M))
+        events1 = []
+        async for ev in m.watch(first.id):
+            events1.append((time.monotonic(), ev))
+            if isinstance(ev, StateChanged) and ev.new is JobState.TRANSFERRING:
+                break
+        # 4M of alpha's 6M are held: another 4M does not fit and waits, `submitted`.
+        second = m.submit(TransferSpec("two.bin", s.b.url("two.bin"), rate_bps=4 * M))
+        for _ in range(100):
+            if m.get(second.id).reservation_id:
+                break
+            await asyncio.sleep(0.02)
+        waiting = m.get(second.id)
+        async for ev in m.watch(first.id):
+            events1.append((time.monotonic(), ev))
+        events2 = [(time.monotonic(), ev) async for ev in m.watch(second.id)]
+        return m.get(first.id), waiting, m.get(second.id), events1, events2
+
+    t0 = time.monotonic()
+    first, waiting, second, events1, events2 = s.on_a(go())
+    assert first.state is JobState.DONE and second.state is JobState.DONE, (first, second)
+    assert first.reservation_id and second.reservation_id and first.reservation_id != second.reservation_id
+    # The job's task releases right after announcing the final state.
+    res = s.wait_for(lambda: (x := s.reservations())[second.reservation_id].state.released and x, what="release")
+    r1, r2 = res[first.reservation_id], res[second.reservation_id]
+    assert (r1.state, r2.state) == (State.DONE, State.DONE)
+    assert r1.request.source == "alpha" and r1.request.destination == "beta" and r1.rate_bps == 4 * M
+    assert first.rate_bps == 4 * M  # paced at the granted rate
+    assert waiting.state is JobState.SUBMITTED and waiting.reservation_id == second.reservation_id
+    states1 = [ev.new for _, ev in events1 if isinstance(ev, StateChanged)]
+    assert JobState.RESERVED in states1 and states1[-1] is JobState.DONE
+    # The waiter is admitted only after the first released, and then runs.
+    done1 = next(t for t, ev in events1 if isinstance(ev, StateChanged) and ev.new is JobState.DONE)
+    reserved2 = next(t for t, ev in events2 if isinstance(ev, StateChanged) and ev.new is JobState.RESERVED)
+    assert reserved2 >= done1
+    # 500 kB at 4 Mbit/s is 1 s at the granted rate: not unlimited.
+    assert done1 - t0 > 0.5
+    assert (s.b.root / "one.bin").read_bytes() == (s.a.root / "one.bin").read_bytes()
+    assert (s.b.root / "two.bin").read_bytes() == (s.a.root / "two.bin").read_bytes()
+
+
+def test_change_rate_is_followed_and_cancel_releases_and_stays_resumable(small):
+    s = small
+    src = s.a.root / "big.bin"
+    src.write_bytes(os.urandom(2 << 20))
+
+    async def operator_change(rid: str, rate: int):
+        async with ControllerClient(s.target, s.sched_ident, timeout=5) as c:
+            return await c.change_rate(rid, rate)
+
+    async def go():
+        m = s.manager
+        t = m.submit(TransferSpec("big.bin", s.b.url("big.bin"), rate_bps=4 * M))
+        changed_at = None
+        rate_events = []
+        async for ev in m.watch(t.id):
+            if isinstance(ev, Progressed) and ev.bytes_done >= 200_000 and changed_at is None:
+                rid = m.get(t.id).reservation_id
+                await operator_change(rid, 2 * M)
+                changed_at = time.monotonic()
+            if isinstance(ev, RateChanged):
+                rate_events.append((time.monotonic() - changed_at, ev))
+                await m.cancel_and_wait(t.id)
+        return m.get(t.id), rate_events
+
+    t, rate_events = s.on_a(go())
+    assert t.state is JobState.CANCELLED
+    assert [ev.new_rate_bps for _, ev in rate_events] == [2 * M]
+    assert rate_events[0][0] < 1.0  # followed within a second
+    r = s.reservations()[t.reservation_id]
+    assert r.state is State.CANCELLED and r.rate_bps == 2 * M
+
+    # The partial data stays: a new job sends only what is missing.
+    async def again():
+        t2 = s.manager.submit(TransferSpec("big.bin", s.b.url("big.bin")))
+        return await s.manager.wait(t2.id)
+
+    t2 = s.on_a(again())
+    assert t2.state is JobState.DONE and t2.bytes_skipped > 0 and t2.reservation_id == ""
+    assert (s.b.root / "big.bin").read_bytes() == src.read_bytes()
+
+
+def test_an_agent_that_stops_heartbeating_loses_its_reservation(small):
+    s = small
+    (s.a.root / "big.bin").write_bytes(os.urandom(2 << 20))
+
+    async def go():
+        t = s.manager.submit(TransferSpec("big.bin", s.b.url("big.bin"), rate_bps=4 * M))
+        async for ev in s.manager.watch(t.id):
+            if isinstance(ev, StateChanged) and ev.new is JobState.TRANSFERRING:
+                break
+        s.link_a.stop_heartbeats()
+        return s.manager.get(t.id)
+
+    t = s.on_a(go())
+    r = s.wait_for(lambda: (x := s.reservations()[t.reservation_id]).state.released and x, what="lease expiry")
+    assert r.state is State.FAILED and "lease" in r.reason
+    s.on_a(s.manager.cancel_and_wait(t.id))
+
+
+def test_the_agent_registers_again_with_a_scheduler_that_lost_its_state(small):
+    s = small
+    assert s.link_a.registrations == 1
+    port = s.sched.port
+    s.sched_thread.run(s.sched.stop())
+    s.sched = s._new_scheduler(s.tmp / "fresh-ledger.db", port)  # a new state: nobody is registered
+    s.wait_for(lambda: s.link_a.registrations >= 2 and s.link_b.registrations >= 2, what="re-registration")
+    agents = s.sched_thread.run(_agents(s.sched))
+    assert {"alpha", "beta"} <= agents
+
+
+async def _agents(server):
+    return {a.name for a in server.ledger.agents()}
+
+
+def test_dxa_serve_controller_registers_and_heartbeats(small, tmp_path):
+    import subprocess
+    import sys
+
+    s = small
+    issue_cert(s.tmp / "sched", "gamma", tmp_path / "gamma-home")
+    (tmp_path / "root-g").mkdir()
+    env = dict(os.environ, DXA_HOME=str(tmp_path / "gamma-home"), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli.main", "serve", "--listen", "127.0.0.1:0", "--root",
+                             str(tmp_path / "root-g"), "--controller", s.target, "--site", "geneva",
+                             "--capacity", "1G"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        agent = s.wait_for(lambda: next((a for a in s.sched_thread.run(_agent_list(s.sched))
+                                         if a.name == "gamma"), None), timeout=15, what="gamma registered")
+        assert agent.site == "geneva" and agent.capacity_bps == 10**9
+        # The lease (1.5 s) is kept alive by heartbeats (every 0.5 s): still live after two leases.
+        time.sleep(2 * LEASE)
+        live = {a.name for a in s.sched_thread.run(_agent_list(s.sched)) if not a.expired}
+        assert "gamma" in live
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _agent_list(server):
+    return server.ledger.agents()
