@@ -74,14 +74,36 @@ def _final_status(t) -> int:
     return EXIT_OK if t.state is JobState.DONE else EXIT_INCOMPLETE if t.state.final else EXIT_OK
 
 
+def _when(text: str | None) -> float | None:
+    """``+SECONDS`` (from now), Unix seconds, or an ISO 8601 time (with its offset) → Unix seconds."""
+    import datetime
+    import time
+
+    from agent.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        if text.startswith("+"):
+            return time.time() + float(text[1:])
+        try:
+            return float(text)
+        except ValueError:
+            return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ConfigError(f"not a time: {text!r} (+SECONDS, Unix seconds or ISO 8601)") from None
+
+
 def cmd_submit(args) -> int:
     from agent.config import parse_rate
 
     rate = parse_rate(args.rate or "0")
+    window_start, window_end = _when(args.window_start), _when(args.window_end)
 
     async def go(c):
         t = await c.submit(args.source, args.destination, rate=rate, recursive=args.recursive,
-                           priority=args.priority, request_id=args.request_id or "")
+                           priority=args.priority, request_id=args.request_id or "",
+                           window_start=window_start, window_end=window_end)
         if args.wait:
             t = await c.wait(t.id)
         _print(args, [t])
@@ -217,7 +239,13 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("destination", metavar="dxa://HOST:PORT/path", help="where the sending agent pushes it")
     s.add_argument("-r", "--recursive", action="store_true", help="send a directory tree")
     s.add_argument("--rate", metavar="BITS", help="pace the transfer to this rate in bits/s (200M, 1.5G)")
-    s.add_argument("--priority", type=int, default=0, help="kept for the scheduler (not used yet)")
+    s.add_argument("--priority", type=int, default=0,
+                   help="higher is admitted first when transfers wait for the scheduler")
+    s.add_argument("--window-start", dest="window_start", metavar="WHEN",
+                   help="with --rate, on an agent that uses a scheduler: start no earlier than WHEN "
+                        "(+SECONDS, Unix seconds or ISO 8601)")
+    s.add_argument("--window-end", dest="window_end", metavar="WHEN",
+                   help="with --rate, on an agent that uses a scheduler: the reservation ends at WHEN")
     s.add_argument("--request-id", dest="request_id", metavar="KEY",
                    help="idempotency key: a retried submit with the same key returns the same job")
     s.add_argument("--wait", action="store_true",

@@ -59,9 +59,13 @@ class Client(MtlsClient):
         self._stub = convert.transfer_stub(self._channel)
 
     async def submit(self, source: str, destination: str, *, rate: int = 0, recursive: bool = False,
-                     priority: int = 0, request_id: str = "", source_agent: str = "") -> Transfer:
-        """Ask the agent to send ``source`` (under its root) to ``destination`` (``dxa://HOST:PORT/path``)."""
-        spec = TransferSpec(source, destination, rate, priority, recursive, source_agent)
+                     priority: int = 0, request_id: str = "", source_agent: str = "",
+                     window_start: float | None = None, window_end: float | None = None) -> Transfer:
+        """Ask the agent to send ``source`` (under its root) to ``destination`` (``dxa://HOST:PORT/path``).
+
+        ``window_start``/``window_end`` (Unix times, with a ``rate``) need an agent that uses the
+        scheduler (``dxa serve --controller``)."""
+        spec = TransferSpec(source, destination, rate, priority, recursive, source_agent, window_start, window_end)
         return convert.transfer_from_response(
             await self._call(self._stub.SubmitTransfer, convert.submit_request(spec, request_id)))
 

@@ -82,19 +82,25 @@ def spec_to_proto(spec: TransferSpec) -> pb.TransferSpec:
                           recursive=spec.recursive)
     if spec.rate_bps:
         msg.rate_bps = spec.rate_bps
+    if spec.window_start is not None:
+        msg.window_start.CopyFrom(seconds_to_timestamp(spec.window_start))
+    if spec.window_end is not None:
+        msg.window_end.CopyFrom(seconds_to_timestamp(spec.window_end))
     return msg
 
 
 def spec_from_proto(msg: pb.TransferSpec) -> TransferSpec:
-    if msg.HasField("deadline") or msg.HasField("window_start") or msg.HasField("window_end"):
-        raise InvalidTransferError("deadlines and windows need the scheduler, which agents do not use yet; "
-                                   "give a rate_bps (or none: unlimited)")
+    if msg.HasField("deadline"):
+        raise InvalidTransferError("deadlines are not supported by agents yet; give a rate_bps (or none: "
+                                   "unlimited), with a window if the agent uses a scheduler")
     if not msg.destination.agent:
         raise InvalidTransferError("the destination needs an agent (HOST:PORT of its dxa serve)")
     destination = f"dxa://{msg.destination.agent}/{msg.destination.path.lstrip('/')}"
     return TransferSpec(source=msg.source.path, destination=destination,
                         rate_bps=msg.rate_bps if msg.HasField("rate_bps") else 0, priority=msg.priority,
-                        recursive=msg.recursive, source_agent=msg.source.agent)
+                        recursive=msg.recursive, source_agent=msg.source.agent,
+                        window_start=timestamp_to_seconds(msg.window_start) if msg.HasField("window_start") else None,
+                        window_end=timestamp_to_seconds(msg.window_end) if msg.HasField("window_end") else None)
 
 
 def transfer_to_proto(t: Transfer) -> pb.Transfer:

@@ -110,6 +110,10 @@ class TransferSpec:
     recursive: bool = False
     source_agent: str = ""
     """Empty or this agent's name: only this agent's own data can be sent from here."""
+    window_start: float | None = None
+    """Unix time before which the job does not start (needs the scheduler and a rate)."""
+    window_end: float | None = None
+    """Unix time at which the reservation ends (needs the scheduler and a rate)."""
 
 
 @dataclass
@@ -204,8 +208,11 @@ class JobStore:
             elif row[0] != SCHEMA_VERSION:
                 raise ConfigError(f"{path}: transfer database schema {row[0]}, expected {SCHEMA_VERSION}")
             columns = {r[1] for r in self.db.execute("PRAGMA table_info(transfers)")}
-            if "reservation_id" not in columns:  # added to schema 1 in place: older files gain it
+            if "reservation_id" not in columns:  # added to schema 1 in place: older files gain them
                 self.db.execute("ALTER TABLE transfers ADD COLUMN reservation_id TEXT NOT NULL DEFAULT ''")
+            if "window_start" not in columns:
+                self.db.execute("ALTER TABLE transfers ADD COLUMN window_start REAL")
+                self.db.execute("ALTER TABLE transfers ADD COLUMN window_end REAL")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise ConfigError(f"{path}: not a transfer database ({exc})") from None
@@ -218,10 +225,10 @@ class JobStore:
         cur = self.db.execute(
             "INSERT INTO transfers (request_id, source, destination, spec_rate_bps, priority, recursive, source_agent,"
             " state, rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
-            " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created, updated, window_start, window_end) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (t.request_id or None, s.source, s.destination, s.rate_bps, s.priority, int(s.recursive), s.source_agent,
              t.state.value, t.rate_bps, t.bytes_total, t.bytes_done, t.bytes_skipped, t.files_total, t.files_done,
-             t.chunks_retried, t.error, t.created, t.updated))
+             t.chunks_retried, t.error, t.created, t.updated, s.window_start, s.window_end))
         return f"t{cur.lastrowid}"
 
     def update(self, t: Transfer) -> None:
@@ -235,11 +242,11 @@ class JobStore:
         rows = self.db.execute(
             "SELECT num, request_id, source, destination, spec_rate_bps, priority, recursive, source_agent, state,"
             " rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
-            " created, updated, reservation_id FROM transfers ORDER BY num").fetchall()
+            " created, updated, reservation_id, window_start, window_end FROM transfers ORDER BY num").fetchall()
         out = []
         for (num, rid, src, dst, srate, prio, rec, sagent, state, rate, bt, bd, bs, ft, fd, cr, err, cre,
-             upd, resv) in rows:
-            spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent)
+             upd, resv, wstart, wend) in rows:
+            spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent, wstart, wend)
             out.append(Transfer(f"t{num}", spec, JobState(state), rate, bt, bd, bs, ft, fd, cr, err, rid or "",
                                 cre, upd, resv or ""))
         return out
@@ -256,6 +263,11 @@ def _validate(spec: TransferSpec) -> TransferSpec:
             raise PathError("the source path is empty")
         if split_relpath(source)[0] == RESERVED:
             raise PathError(f"{source!r}: the daemon's own state is not a source")
+        if spec.window_start is not None or spec.window_end is not None:
+            if not spec.rate_bps:
+                raise ConfigError("a window needs a rate (deadline mode is not supported on agents)")
+            if spec.window_end is not None and spec.window_end <= max(time.time(), spec.window_start or 0):
+                raise ConfigError("the window ends before it starts, or has already ended")
     except (ConfigError, PathError) as exc:
         raise InvalidTransferError(str(exc)) from None
     return replace(spec, source=source, rate_bps=int(spec.rate_bps))
@@ -349,6 +361,8 @@ class JobManager:
                 if t.request_id == request_id:
                     return replace(t)
         spec = _validate(spec)
+        if (spec.window_start is not None or spec.window_end is not None) and self.scheduler is None:
+            raise InvalidTransferError("windows need the scheduler (dxa serve --controller HOST:PORT)")
         if spec.source_agent and spec.source_agent != self.identity.name:
             raise InvalidTransferError(
                 f"this agent is {self.identity.name!r}: it sends only its own data (source agent "
@@ -538,7 +552,8 @@ class JobManager:
                         remote = parse_remote(t.spec.destination)
                         dest_name = await peer_name(remote.host, remote.port, self.identity)
                     decision = await link.client.request_reservation(ReservationRequest(
-                        link.name, dest_name, rate_bps=t.spec.rate_bps, priority=t.spec.priority))
+                        link.name, dest_name, rate_bps=t.spec.rate_bps, priority=t.spec.priority,
+                        not_before=t.spec.window_start, finish_by=t.spec.window_end))
                     if decision.reservation is None:
                         raise JobError(f"the scheduler refused the reservation ({decision.outcome.value})")
                     r = decision.reservation
@@ -553,6 +568,9 @@ class JobManager:
                 if r.state is State.RESERVED:
                     if t.state is JobState.SUBMITTED:
                         self._set_state(t, JobState.RESERVED)
+                    if r.start > time.time():  # the window opens later: wait for it (and watch the reservation)
+                        await asyncio.sleep(min(self.poll_interval, r.start - time.time()))
+                        continue
                     r = await link.client.start_reservation(r.id)
                     t.rate_bps = run.granted_bps = r.rate_bps
                 self._save(t)

@@ -254,6 +254,55 @@ async def _agents(server):
     return {a.name for a in server.ledger.agents()}
 
 
+def test_a_job_with_a_window_waits_reserved_until_it_opens(small):
+    s = small
+    (s.a.root / "w.bin").write_bytes(os.urandom(100_000))
+
+    async def go():
+        opens = time.time() + 1.0
+        t = s.manager.submit(TransferSpec("w.bin", s.b.url("w.bin"), rate_bps=4 * M, window_start=opens,
+                                          window_end=opens + 60))
+        events = [(time.time(), ev) async for ev in s.manager.watch(t.id)]
+        return opens, await s.manager.wait(t.id), events
+
+    opens, t, events = s.on_a(go())
+    assert t.state is JobState.DONE, t
+    states = [(at, ev.new) for at, ev in events if isinstance(ev, StateChanged)]
+    assert [st for _, st in states][-3:] == [JobState.RESERVED, JobState.TRANSFERRING, JobState.DONE]
+    transferring = next(at for at, st in states if st is JobState.TRANSFERRING)
+    assert transferring >= opens
+    r = s.reservations()[t.reservation_id]
+    assert r.start == pytest.approx(opens, abs=0.01) and r.end == pytest.approx(opens + 60, abs=0.01)
+    assert r.state is State.DONE
+
+
+def test_a_window_without_a_scheduler_or_without_a_rate_is_refused(small, tmp_path):
+    from agent.service.transfers import InvalidTransferError
+
+    s = small
+    (s.a.root / "x.bin").write_bytes(b"x")
+    later = time.time() + 60
+
+    async def submit(spec):
+        return s.manager.submit(spec)
+
+    with pytest.raises(InvalidTransferError, match="needs a rate"):
+        s.on_a(submit(TransferSpec("x.bin", s.b.url("x.bin"), window_start=later)))
+    with pytest.raises(InvalidTransferError, match="ends before"):
+        s.on_a(submit(TransferSpec("x.bin", s.b.url("x.bin"), rate_bps=M, window_end=time.time() - 1)))
+
+    async def unscheduled():
+        m = JobManager(str(s.a.root), str(tmp_path / "other.sqlite"), s.alpha_ident, options=OPTS)
+        await m.start()
+        try:
+            m.submit(TransferSpec("x.bin", s.b.url("x.bin"), rate_bps=M, window_start=later))
+        finally:
+            await m.close()
+
+    with pytest.raises(InvalidTransferError, match="need the scheduler"):
+        s.on_a(unscheduled())
+
+
 def test_dxa_serve_controller_registers_and_heartbeats(small, tmp_path):
     import subprocess
     import sys
@@ -280,3 +329,17 @@ def test_dxa_serve_controller_registers_and_heartbeats(small, tmp_path):
 
 async def _agent_list(server):
     return server.ledger.agents()
+
+
+def test_windows_cross_the_wire_and_the_cli_reads_times():
+    from agent.cli.transfers import _when
+    from agent.errors import ConfigError
+    from agent.service import convert
+
+    spec = TransferSpec("a", "dxa://h:1/b", 5 * M, 1, False, "", 1000.5, 2000.25)
+    assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
+    assert _when(None) is None and _when("12.5") == 12.5
+    assert _when("2026-11-25T14:00:00+00:00") == 1795615200.0
+    assert time.time() + 9 < _when("+10") < time.time() + 11
+    with pytest.raises(ConfigError):
+        _when("tomorrow")
