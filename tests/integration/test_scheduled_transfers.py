@@ -343,3 +343,27 @@ def test_windows_cross_the_wire_and_the_cli_reads_times():
     assert time.time() + 9 < _when("+10") < time.time() + 11
     with pytest.raises(ConfigError):
         _when("tomorrow")
+
+
+def test_a_restarted_daemon_resumes_its_job_on_the_same_reservation(small):
+    s = small
+    src = s.a.root / "big.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    db = str(s.tmp / "root-a" / ".dxa" / "transfers.sqlite")
+
+    async def first_half():
+        t = s.manager.submit(TransferSpec("big.bin", s.b.url("big.bin"), rate_bps=4 * M))
+        async for ev in s.manager.watch(t.id):
+            if isinstance(ev, Progressed) and ev.bytes_done >= 100_000:
+                break
+        rid = s.manager.get(t.id).reservation_id
+        await s.manager.close()  # the daemon stops: the job and its reservation stay unfinished
+        s.manager = JobManager(str(s.a.root), db, s.alpha_ident, options=OPTS, retry_delay=0.2,
+                               progress_interval=0.1, scheduler=s.link_a, poll_interval=0.1)
+        await s.manager.start()
+        return rid, await s.manager.wait(t.id)
+
+    rid, t = s.on_a(first_half())
+    assert t.state is JobState.DONE and t.reservation_id == rid
+    assert s.reservations()[rid].state is State.DONE
+    assert src.read_bytes() == (s.b.root / "big.bin").read_bytes()
