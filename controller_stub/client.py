@@ -18,8 +18,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from agent.errors import DxaError
-from agent.service.credentials import MtlsClient
+from agent.service.credentials import GrpcCallError, MtlsClient
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.ledger import (
@@ -34,22 +33,16 @@ from controller_stub.ledger import (
 __all__ = ["ControllerClient", "ControllerError"]
 
 
-class ControllerError(DxaError):
+class ControllerError(GrpcCallError):
     """The scheduler refused a call, or could not be reached (``code`` UNAVAILABLE)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, kind: str = "", available_bps: int | None = None) -> None:
-        super().__init__(code, details)
-        self.code = code
-        self.details = details
-        self.kind = kind
+        super().__init__(code, details, kind)
         self.available_bps = available_bps
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.details}"
 
 
 def _error(exc: grpc.aio.AioRpcError) -> ControllerError:
-    meta = {k: v for k, v in (exc.trailing_metadata() or ())}
+    meta = GrpcCallError.trailers(exc)
     available = meta.get("dxa-available-bps")
     return ControllerError(exc.code(), exc.details() or "", meta.get("dxa-error", ""),
                            int(available) if available and available.isdigit() else None)

@@ -158,6 +158,23 @@ class _ProgressBar:
             await asyncio.sleep(0.2)
 
 
+def _write_port_file(path: str | None, port: int) -> None:
+    """--port-file: write the bound port atomically, so a reader never sees half of it."""
+    if path:
+        with open(path + ".tmp", "w") as fh:
+            fh.write(str(port))
+        os.replace(path + ".tmp", path)
+
+
+async def _until_stopped() -> None:
+    """Wait for SIGINT or SIGTERM (daemons stop cleanly on either)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 # -- commands --------------------------------------------------------------------------
 def cmd_init(args) -> int:
     from agent.store.pki import init_home, issue_cert
@@ -218,15 +235,8 @@ def cmd_serve(args) -> int:
             if link is not None:
                 await link.close()
             raise
-        if args.port_file:
-            with open(args.port_file + ".tmp", "w") as fh:
-                fh.write(str(server.port))
-            os.replace(args.port_file + ".tmp", args.port_file)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        _write_port_file(args.port_file, server.port)
+        await _until_stopped()
         log.info("shutting down")
         if transfers is not None:
             await _stop_transfers(*transfers)
@@ -279,10 +289,7 @@ async def _start_transfers(args, config, identity, link=None):
         return None
     db = os.path.join(os.path.dirname(config.journal_path), "transfers.sqlite")
     service = await start_daemon_service(listen, config.root, db, identity, scheduler=link)
-    if args.grpc_port_file:
-        with open(args.grpc_port_file + ".tmp", "w") as fh:
-            fh.write(str(service[0].port))
-        os.replace(args.grpc_port_file + ".tmp", args.grpc_port_file)
+    _write_port_file(args.grpc_port_file, service[0].port)
     return service
 
 
@@ -380,15 +387,8 @@ def cmd_controller_serve(args) -> int:
                                   config=LedgerConfig(lease_timeout=args.lease_timeout))
         await server.start()
         try:
-            if args.port_file:
-                with open(args.port_file + ".tmp", "w") as fh:
-                    fh.write(str(server.port))
-                os.replace(args.port_file + ".tmp", args.port_file)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            _write_port_file(args.port_file, server.port)
+            await _until_stopped()
             log.info("shutting down")
         finally:
             await server.stop()

@@ -3,7 +3,7 @@
     async with agent.Client("gw1:7401") as c:               # identity from $DXA_HOME
         t = await c.submit("datasets/x", "dxa://gw2:7400/incoming/x", rate=200_000_000, recursive=True)
         async for ev in c.watch(t.id):                       # StateChanged, Progressed, RateChanged
-            print(ev)
+            handle(ev)                                       # your code
         await c.set_rate(t.id, 1_000_000_000)
 
 The agent dialled sends its own data (``source`` is a path under its root) to the
@@ -19,31 +19,20 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from agent.errors import DxaError
 from agent.service import convert
-from agent.service.credentials import MtlsClient
+from agent.service.credentials import GrpcCallError, MtlsClient
 from agent.service.transfers import JobState, Transfer, TransferEvent, TransferSpec
 from agent.store.pki import Identity
 
 __all__ = ["Client", "TransferServiceError"]
 
 
-class TransferServiceError(DxaError):
+class TransferServiceError(GrpcCallError):
     """The agent refused a call, or could not be reached (``code`` UNAVAILABLE)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, kind: str = "") -> None:
-        super().__init__(code, details)
-        self.code = code
-        self.details = details
-        self.kind = kind
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.details}"
 
 
 def _error(exc: grpc.aio.AioRpcError) -> TransferServiceError:
-    meta = {k: v for k, v in (exc.trailing_metadata() or ())}
-    return TransferServiceError(exc.code(), exc.details() or "", meta.get("dxa-error", ""))
+    return TransferServiceError(exc.code(), exc.details() or "", GrpcCallError.trailers(exc).get("dxa-error", ""))
 
 
 class Client(MtlsClient):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, DxaError
 from agent.store.pki import Identity
 
-__all__ = ["channel_credentials", "server_credentials", "MtlsClient"]
+__all__ = ["channel_credentials", "server_credentials", "MtlsClient", "GrpcCallError"]
 
 
 def _read(path: Path) -> bytes:
@@ -34,6 +34,25 @@ def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
     """Our certificate and key for the server to check; the server must be signed by our CA."""
     return grpc.ssl_channel_credentials(root_certificates=_read(identity.ca_cert), private_key=_read(identity.key),
                                         certificate_chain=_read(identity.cert))
+
+
+class GrpcCallError(DxaError):
+    """A dxa gRPC service refused a call, or could not be reached (``code`` UNAVAILABLE).
+
+    ``kind`` is the service's own error class (the ``dxa-error`` trailer)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, kind: str = "") -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
+    @staticmethod
+    def trailers(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+        return {k: v for k, v in (exc.trailing_metadata() or ())}
 
 
 class MtlsClient:
