@@ -1,8 +1,8 @@
 """Data-connection pumps: one thread per TCP stream, blocking sockets.
 
-Why threads: the per-chunk work (pread, BLAKE3, AEAD, send/recv, pwrite) releases
-the GIL, so one thread per stream runs it in parallel with no event-loop hop per
-socket read (measured in bench/; see docs/ARCHITECTURE.md).  Pumps own their
+Why threads: most per-chunk work (pread, BLAKE3, send/recv, pwrite) releases the GIL,
+so one thread per stream runs it in parallel with no event-loop hop per socket read;
+the AEAD holds the GIL (see docs/ARCHITECTURE.md, "Threads and the event loop").  Pumps own their
 socket and touch no core state: they report every outcome to the event loop with
 ``call_soon_threadsafe``.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import socket
 import threading
 from typing import Callable
@@ -19,8 +20,6 @@ from agent.core import ChunkJob
 from agent.errors import DxaError, IntegrityError, RemoteProtocolError
 from agent.wire import (
     DATA_HEADER_LEN,
-    FLAG_COMPRESSED,
-    FLAG_ENCRYPTED,
     FRAME_OVERHEAD,
     PREFIX_LEN,
     FrameType,
@@ -55,6 +54,17 @@ def recv_exactly(sock: socket.socket, n: int, buf: bytearray | None = None) -> b
             raise ConnectionResetError("connection closed in the middle of a frame")
         got += k
     return out
+
+
+IDLE_CHECK = 1.0  # seconds an idle send pump waits before checking its connection
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        r, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(r)
 
 
 class SourceChanged(DxaError):
@@ -143,7 +153,17 @@ class SendPump(threading.Thread):
 
     def _run(self) -> None:
         while True:
-            job = self.jobs.get()
+            try:
+                job = self.jobs.get(timeout=IDLE_CHECK)
+            except queue.Empty:
+                # Idle with frames possibly still un-ACKed: a send pump never reads, so a
+                # connection that died after our last sendall would go unnoticed and its
+                # chunks would wait for ACKs forever.  The receiver never writes on a data
+                # connection except to close it, so "readable" means "gone".
+                if _peer_closed(self.sock):
+                    self._post(self._on_result, self, "broken", None, "connection closed by the peer", 0)
+                    return
+                continue
             if job is None:
                 return
             if len(self._rbuf) < job.length:
@@ -175,22 +195,12 @@ class SendPump(threading.Thread):
         self.jobs.put(None)
 
 
-def _unmap(m) -> None:
-    try:
-        m.close()
-    except BufferError:  # a view is still alive somewhere: the mapping goes when it does
-        pass
-
-
 class ReceivePump(threading.Thread):
     """Reads DATA frames, opens and verifies them, writes them at their offset."""
 
     def __init__(self, stream: int, sock: socket.socket, opener: Opener, check_header: Callable,
-                 write: Callable | None, max_frame: int, post: Callable, on_result: Callable,
-                 map_chunk: Callable | None = None, map_failed: Callable | None = None) -> None:
+                 write: Callable | None, max_frame: int, post: Callable, on_result: Callable) -> None:
         super().__init__(name=f"dxa-recv-{stream}", daemon=True)
-        self._map = map_chunk  # decrypt straight into the file's page cache (ReceiverStore.map_chunk)
-        self._map_failed = map_failed
         self.stream = stream
         self.sock = sock
         self._opener = opener
@@ -232,30 +242,14 @@ class ReceivePump(threading.Thread):
             header = bytes(prefix) + bytes(body[: DATA_HEADER_LEN - PREFIX_LEN])
             hdr = decode_data_header(header)
             self._check(hdr)
-            target = None
-            if self._map is not None and hdr.flags & FLAG_ENCRYPTED and not hdr.flags & FLAG_COMPRESSED:
-                try:
-                    target = self._map(hdr.file_id, hdr.offset, hdr.plain_len)
-                except DxaError as exc:
-                    self._post(self._on_result, self, "storage", hdr, exc, hdr.payload_len)
-                    return
-            if target is None and len(self._pbuf) < hdr.payload_len:
+            if len(self._pbuf) < hdr.payload_len:
                 self._pbuf = bytearray(hdr.payload_len)
-            plain = None
             try:
-                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :],
-                                          out=self._pbuf if target is None else target)
+                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :], out=self._pbuf)
             except IntegrityError as exc:
-                if target is not None and self._map_failed is not None:
-                    self._map_failed(hdr.file_id, hdr.offset)
                 self._post(self._on_result, self, "rejected", hdr, str(exc), hdr.payload_len)
                 continue
-            finally:
-                if target is not None:
-                    if isinstance(plain, memoryview):
-                        plain.release()
-                    _unmap(target)
-            if target is None and self._write is not None:
+            if self._write is not None:
                 try:
                     self._write(hdr.file_id, hdr.offset, plain)
                 except DxaError as exc:

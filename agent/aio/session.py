@@ -300,7 +300,7 @@ class ReceiverSession(_Driver):
             except OSError:
                 pass
         pump = ReceivePump(stream, sock, self.opener, self.core.check_header, self.store.write_chunk,
-                           self.max_frame, self._post, self._on_result, self.store.map_chunk, self.store.map_failed)
+                           self.max_frame, self._post, self._on_result)
         self.pumps[stream] = pump
         pump.start()
 

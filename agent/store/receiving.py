@@ -9,7 +9,6 @@ Thread-safe: chunk writes come from several pump threads at once.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import stat
 import threading
@@ -34,9 +33,6 @@ __all__ = ["ReceiverStore", "part_name"]
 
 def part_name(name: str) -> str:
     return f".{name}.dxa-part"
-
-
-MAP_MIN = 256 << 10  # below this, fallocate + mmap + munmap cost more than the copy they save
 
 
 def _reverify(fd: int, e: ManifestEntry, claimed: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
@@ -64,17 +60,14 @@ def _storage_error(exc: OSError, what: str) -> StorageError:
 
 
 class _Open:
-    __slots__ = ("fd", "parent", "name", "dest", "entry", "dirty", "wlock", "mapped")
+    __slots__ = ("fd", "parent", "name", "dest", "entry", "dirty", "wlock")
 
     def __init__(self, fd: int, parent: int, name: str, dest: str, entry: ManifestEntry) -> None:
         self.fd, self.parent, self.name, self.dest, self.entry = fd, parent, name, dest, entry
         self.dirty = False
-        # writes to one file serialize on the inode lock anyway; waiting here sleeps instead
-        # of spinning in the kernel (measured: less receiver CPU with 4+ streams)
+        # writes to one file serialize on the inode lock anyway; waiting here sleeps
+        # instead of spinning in the kernel (perf showed rwsem spinning with 4 streams)
         self.wlock = threading.Lock()
-        # chunks decrypted in place (or already verified): never map them again, so a
-        # corrupt duplicate can only ever land in a private buffer (see map_chunk)
-        self.mapped: set[int] = set()
 
 
 class ReceiverStore:
@@ -142,7 +135,6 @@ class ReceiverStore:
                 return PlanEntry(e.file_id, ACTION_SKIP)
             fd = os.open(part_name(name), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
             self._open[e.file_id] = _Open(fd, parent, name, dest, e)
-            mappable = e.chunk_size >= MAP_MIN  # map_chunk needs the whole file to exist (sparse)
             try:
                 part_size = os.fstat(fd).st_size
             except OSError as exc:
@@ -154,20 +146,12 @@ class ReceiverStore:
                     bad = sorted({i for i, _ in claimed} - {i for i, _ in have})
                     self.journal.drop_chunks(dest, bad)
                 if have:
-                    self._open[e.file_id].mapped.update(i for i, _ in have)
-                    try:
-                        if mappable and part_size != e.size:
-                            os.ftruncate(fd, e.size)
-                    except OSError as exc:
-                        raise _storage_error(exc, f"sizing {rel}") from None
                     return PlanEntry(e.file_id, ACTION_RESUME, have)
             if e.chunks > 1:  # a one-chunk file resumes whole: only its completion is journaled
                 self.journal.start(dest, e.size, e.mtime_ns, e.chunk_size)
             try:  # a new source version: no byte of an older one survives
                 if part_size:
                     os.ftruncate(fd, 0)
-                if mappable and e.size:
-                    os.ftruncate(fd, e.size)
             except OSError as exc:
                 raise _storage_error(exc, f"truncating {rel}") from None
         return PlanEntry(e.file_id, ACTION_SEND)
@@ -206,49 +190,6 @@ class ReceiverStore:
         except OSError as exc:
             raise _storage_error(exc, f"writing {f.entry.relpath}") from None
         f.dirty = True
-
-    def map_chunk(self, file_id: int, offset: int, length: int) -> mmap.mmap | None:
-        """A writable mapping of one chunk's place in the partial file, or None when the
-        chunk is better written with ``pwrite`` (small, or offset not page-aligned).
-
-        The receive pump decrypts straight into it: the plaintext lands in the page cache
-        without the extra copy of ``pwrite`` (measured: about half the receiver's CPU per
-        byte on this VM).  The range is ``posix_fallocate``d first, so a full disk is an
-        ENOSPC here and never a SIGBUS later.  A chunk that then fails its check leaves
-        unverified bytes in the partial file; they are never counted (not ACKed, not
-        journaled; the caller reports it with :meth:`map_failed`) and the resend overwrites
-        them.  Each chunk is mapped at most once until then: a duplicate of a chunk being
-        decrypted in place or already verified gets None and goes through a private
-        buffer, so it can never overwrite good bytes with bad ones.
-        """
-        f = self._open.get(file_id)
-        if f is None:
-            raise StorageError(errno.EBADF, f"file {file_id} is not open for writing")
-        if length < MAP_MIN or offset % mmap.ALLOCATIONGRANULARITY:
-            return None
-        index = offset // f.entry.chunk_size
-        with f.wlock:
-            if index in f.mapped:
-                return None
-            f.mapped.add(index)
-        try:
-            if os.fstat(f.fd).st_size < offset + length:  # never map past the end (SIGBUS)
-                with f.wlock:
-                    f.mapped.discard(index)
-                return None
-            os.posix_fallocate(f.fd, offset, length)
-            m = mmap.mmap(f.fd, length, offset=offset)
-        except OSError as exc:
-            raise _storage_error(exc, f"writing {f.entry.relpath}") from None
-        f.dirty = True
-        return m
-
-    def map_failed(self, file_id: int, offset: int) -> None:
-        """The chunk decrypted in place failed its check: its place may be mapped again."""
-        f = self._open.get(file_id)
-        if f is not None:
-            with f.wlock:
-                f.mapped.discard(offset // f.entry.chunk_size)
 
     def record(self, file_id: int, chunk: int, digest: bytes) -> None:
         f = self._open.get(file_id)

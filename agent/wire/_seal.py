@@ -2,8 +2,8 @@
 
 Pure functions and small objects over bytes; no I/O, no clock.  The nonce counter
 lives in :class:`Sealer` so that one session never seals twice with one nonce.
-Bulk crypto stays in `cryptography` (releases the GIL, writes in place) and hashing
-in `blake3`; callers run these from worker threads.
+Bulk crypto stays in `cryptography` (writes in place; holds the GIL, measured) and hashing
+in `blake3` (releases the GIL); callers run these from worker threads.
 """
 
 from __future__ import annotations
