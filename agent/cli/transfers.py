@@ -2,7 +2,8 @@
 
 Kept apart from agent/cli/main.py, which only registers these commands (``add_commands``).
 Exit status: 0 ok (``submit --wait``: the transfer is done), 1 the transfer failed or was
-cancelled, 2 refused by the agent (unknown transfer, bad spec, wrong state), 4 the agent
+cancelled, 2 refused by the agent (unknown transfer, bad spec, wrong state, a rate the
+scheduler does not admit), 4 the agent
 cannot be reached or refused our certificate.
 """
 
@@ -63,7 +64,7 @@ def _run(args, coro_fn) -> int:
         if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return EXIT_NETWORK
         if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.FAILED_PRECONDITION):
+                        grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED):
             return EXIT_USAGE
         return EXIT_INCOMPLETE
 
@@ -96,14 +97,18 @@ def _when(text: str | None) -> float | None:
 
 def cmd_submit(args) -> int:
     from agent.config import parse_rate
+    from agent.errors import ConfigError
 
     rate = parse_rate(args.rate or "0")
     window_start, window_end = _when(args.window_start), _when(args.window_end)
+    deadline = _when(args.deadline)
+    if deadline is not None and rate:
+        raise ConfigError("give --rate or --deadline, not both")
 
     async def go(c):
         t = await c.submit(args.source, args.destination, rate=rate, recursive=args.recursive,
                            priority=args.priority, request_id=args.request_id or "",
-                           window_start=window_start, window_end=window_end)
+                           window_start=window_start, window_end=window_end, deadline=deadline)
         if args.wait:
             t = await c.wait(t.id)
         _print(args, [t])
@@ -239,13 +244,18 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("destination", metavar="dxa://HOST:PORT/path", help="where the sending agent pushes it")
     s.add_argument("-r", "--recursive", action="store_true", help="send a directory tree")
     s.add_argument("--rate", metavar="BITS", help="pace the transfer to this rate in bits/s (200M, 1.5G)")
+    s.add_argument("--deadline", metavar="WHEN",
+                   help="instead of --rate, on an agent that uses a scheduler: the data must be there by WHEN "
+                        "(+SECONDS, Unix seconds or ISO 8601); the scheduler reserves the volume over the time "
+                        "left. A job not done by then is stopped and fails; its partial data stays resumable")
     s.add_argument("--priority", type=int, default=0,
                    help="higher is admitted first when transfers wait for the scheduler")
     s.add_argument("--window-start", dest="window_start", metavar="WHEN",
-                   help="with --rate, on an agent that uses a scheduler: start no earlier than WHEN "
-                        "(+SECONDS, Unix seconds or ISO 8601)")
+                   help="with --rate or --deadline, on an agent that uses a scheduler: start no earlier than "
+                        "WHEN (+SECONDS, Unix seconds or ISO 8601)")
     s.add_argument("--window-end", dest="window_end", metavar="WHEN",
-                   help="with --rate, on an agent that uses a scheduler: the reservation ends at WHEN")
+                   help="with --rate, on an agent that uses a scheduler: the reservation ends at WHEN; a job "
+                        "not done by then is stopped and fails (its partial data stays resumable)")
     s.add_argument("--request-id", dest="request_id", metavar="KEY",
                    help="idempotency key: a retried submit with the same key returns the same job")
     s.add_argument("--wait", action="store_true",
@@ -274,5 +284,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("rate", parents=[common, client], help="change the rate of a running transfer")
     s.add_argument("job", metavar="JOB")
-    s.add_argument("rate", metavar="BITS", help="new rate in bits/s (200M, 1.5G; 0 = unlimited)")
+    s.add_argument("rate", metavar="BITS",
+                   help="new rate in bits/s (200M, 1.5G; 0 = unlimited). A transfer on a reservation changes "
+                        "only if the scheduler admits the new rate on its path (exit 2 and the reason if not)")
     s.set_defaults(func=cmd_rate)

@@ -49,12 +49,17 @@ class Client(MtlsClient):
 
     async def submit(self, source: str, destination: str, *, rate: int = 0, recursive: bool = False,
                      priority: int = 0, request_id: str = "", source_agent: str = "",
-                     window_start: float | None = None, window_end: float | None = None) -> Transfer:
+                     window_start: float | None = None, window_end: float | None = None,
+                     deadline: float | None = None) -> Transfer:
         """Ask the agent to send ``source`` (under its root) to ``destination`` (``dxa://HOST:PORT/path``).
 
-        ``window_start``/``window_end`` (Unix times, with a ``rate``) need an agent that uses the
-        scheduler (``dxa serve --controller``)."""
-        spec = TransferSpec(source, destination, rate, priority, recursive, source_agent, window_start, window_end)
+        ``rate`` in bits/s (0: unlimited), or ``deadline`` (Unix time by which the data must be
+        there: the scheduler reserves the volume over the time left).  ``deadline`` and
+        ``window_start``/``window_end`` (Unix times) need an agent that uses the scheduler
+        (``dxa serve --controller``); a job still running when its window or deadline ends is
+        stopped and fails, its partial data kept for a resume."""
+        spec = TransferSpec(source, destination, rate, priority, recursive, source_agent, window_start, window_end,
+                            deadline)
         return convert.transfer_from_response(
             await self._call(self._stub.SubmitTransfer, convert.submit_request(spec, request_id)))
 
@@ -71,7 +76,9 @@ class Client(MtlsClient):
             await self._call(self._stub.CancelTransfer, convert.id_request("cancel", transfer_id)))
 
     async def set_rate(self, transfer_id: str, rate_bps: int) -> Transfer:
-        """New pacing rate in bits/s (0 = unlimited), effective at once."""
+        """New pacing rate in bits/s (0 = unlimited), effective at once.  A transfer on a
+        reservation changes only if the scheduler admits the new rate (else ``code``
+        RESOURCE_EXHAUSTED, ``kind`` ``RateRefusedError``)."""
         return convert.transfer_from_response(
             await self._call(self._stub.SetRate, convert.set_rate_request(transfer_id, rate_bps)))
 

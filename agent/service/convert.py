@@ -24,6 +24,7 @@ from agent.service.transfers import (
     JobState,
     Progressed,
     RateChanged,
+    RateRefusedError,
     StateChanged,
     Transfer,
     TransferEvent,
@@ -82,6 +83,8 @@ def spec_to_proto(spec: TransferSpec) -> pb.TransferSpec:
                           recursive=spec.recursive)
     if spec.rate_bps:
         msg.rate_bps = spec.rate_bps
+    elif spec.deadline is not None:
+        msg.deadline.CopyFrom(seconds_to_timestamp(spec.deadline))
     if spec.window_start is not None:
         msg.window_start.CopyFrom(seconds_to_timestamp(spec.window_start))
     if spec.window_end is not None:
@@ -90,9 +93,6 @@ def spec_to_proto(spec: TransferSpec) -> pb.TransferSpec:
 
 
 def spec_from_proto(msg: pb.TransferSpec) -> TransferSpec:
-    if msg.HasField("deadline"):
-        raise InvalidTransferError("deadlines are not supported by agents yet; give a rate_bps (or none: "
-                                   "unlimited), with a window if the agent uses a scheduler")
     if not msg.destination.agent:
         raise InvalidTransferError("the destination needs an agent (HOST:PORT of its dxa serve)")
     destination = f"dxa://{msg.destination.agent}/{msg.destination.path.lstrip('/')}"
@@ -100,7 +100,8 @@ def spec_from_proto(msg: pb.TransferSpec) -> TransferSpec:
                         rate_bps=msg.rate_bps if msg.HasField("rate_bps") else 0, priority=msg.priority,
                         recursive=msg.recursive, source_agent=msg.source.agent,
                         window_start=timestamp_to_seconds(msg.window_start) if msg.HasField("window_start") else None,
-                        window_end=timestamp_to_seconds(msg.window_end) if msg.HasField("window_end") else None)
+                        window_end=timestamp_to_seconds(msg.window_end) if msg.HasField("window_end") else None,
+                        deadline=timestamp_to_seconds(msg.deadline) if msg.HasField("deadline") else None)
 
 
 def transfer_to_proto(t: Transfer) -> pb.Transfer:
@@ -221,6 +222,8 @@ def error_to_status(exc: JobError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, TransferStateError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, RateRefusedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 

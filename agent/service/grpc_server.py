@@ -58,8 +58,10 @@ class TransferServicer(convert.TransferServicerBase):
             "cancel", self.manager.cancel(convert.id_from_request(request))))
 
     async def SetRate(self, request, context):
-        return await self._call(context, lambda: convert.transfer_response(
-            "set_rate", self.manager.set_rate(*convert.set_rate_from_request(request))))
+        async def change():
+            return convert.transfer_response(
+                "set_rate", await self.manager.change_rate(*convert.set_rate_from_request(request)))
+        return await self._call(context, change)
 
     async def WatchTransfer(self, request, context):
         events = await self._call(context, lambda: self.manager.watch(convert.id_from_request(request)))

@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -44,6 +46,7 @@ from agent.store.safepath import RESERVED, SafeRoot, split_relpath
 
 if TYPE_CHECKING:
     from agent.service.scheduling import SchedulerLink
+    from controller_stub.ledger import Reservation
 
 __all__ = [
     "InvalidTransferError",
@@ -52,6 +55,7 @@ __all__ = [
     "JobState",
     "Progressed",
     "RateChanged",
+    "RateRefusedError",
     "StateChanged",
     "Transfer",
     "TransferEvent",
@@ -84,6 +88,10 @@ class TransferStateError(JobError):
     """The operation does not apply in the transfer's state (e.g. cancel a finished one)."""
 
 
+class RateRefusedError(JobError):
+    """The scheduler refused a new rate for a scheduled job (no room on its path), or cannot be asked."""
+
+
 class JobState(enum.Enum):
     SUBMITTED = "submitted"
     RESERVED = "reserved"
@@ -114,6 +122,9 @@ class TransferSpec:
     """Unix time before which the job does not start (needs the scheduler and a rate)."""
     window_end: float | None = None
     """Unix time at which the reservation ends (needs the scheduler and a rate)."""
+    deadline: float | None = None
+    """Deadline mode, instead of a rate: Unix time by which the data must have arrived.  The
+    scheduler derives the rate from the volume and the time left (needs the scheduler)."""
 
 
 @dataclass
@@ -213,6 +224,8 @@ class JobStore:
             if "window_start" not in columns:
                 self.db.execute("ALTER TABLE transfers ADD COLUMN window_start REAL")
                 self.db.execute("ALTER TABLE transfers ADD COLUMN window_end REAL")
+            if "deadline" not in columns:
+                self.db.execute("ALTER TABLE transfers ADD COLUMN deadline REAL")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise ConfigError(f"{path}: not a transfer database ({exc})") from None
@@ -225,10 +238,10 @@ class JobStore:
         cur = self.db.execute(
             "INSERT INTO transfers (request_id, source, destination, spec_rate_bps, priority, recursive, source_agent,"
             " state, rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
-            " created, updated, window_start, window_end) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created, updated, window_start, window_end, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (t.request_id or None, s.source, s.destination, s.rate_bps, s.priority, int(s.recursive), s.source_agent,
              t.state.value, t.rate_bps, t.bytes_total, t.bytes_done, t.bytes_skipped, t.files_total, t.files_done,
-             t.chunks_retried, t.error, t.created, t.updated, s.window_start, s.window_end))
+             t.chunks_retried, t.error, t.created, t.updated, s.window_start, s.window_end, s.deadline))
         return f"t{cur.lastrowid}"
 
     def update(self, t: Transfer) -> None:
@@ -242,11 +255,12 @@ class JobStore:
         rows = self.db.execute(
             "SELECT num, request_id, source, destination, spec_rate_bps, priority, recursive, source_agent, state,"
             " rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
-            " created, updated, reservation_id, window_start, window_end FROM transfers ORDER BY num").fetchall()
+            " created, updated, reservation_id, window_start, window_end, deadline FROM transfers ORDER BY num"
+        ).fetchall()
         out = []
         for (num, rid, src, dst, srate, prio, rec, sagent, state, rate, bt, bd, bs, ft, fd, cr, err, cre,
-             upd, resv, wstart, wend) in rows:
-            spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent, wstart, wend)
+             upd, resv, wstart, wend, deadline) in rows:
+            spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent, wstart, wend, deadline)
             out.append(Transfer(f"t{num}", spec, JobState(state), rate, bt, bd, bs, ft, fd, cr, err, rid or "",
                                 cre, upd, resv or ""))
         return out
@@ -263,14 +277,40 @@ def _validate(spec: TransferSpec) -> TransferSpec:
             raise PathError("the source path is empty")
         if split_relpath(source)[0] == RESERVED:
             raise PathError(f"{source!r}: the daemon's own state is not a source")
+        if spec.deadline is not None:
+            if spec.rate_bps:
+                raise ConfigError("give a rate or a deadline, not both")
+            if spec.window_end is not None:
+                raise ConfigError("give a deadline or a window end, not both (both say when the data must be there)")
+            if not math.isfinite(spec.deadline) or spec.deadline <= max(time.time(), spec.window_start or 0):
+                raise ConfigError("the deadline has passed, or falls before the window starts")
         if spec.window_start is not None or spec.window_end is not None:
-            if not spec.rate_bps:
-                raise ConfigError("a window needs a rate (deadline mode is not supported on agents)")
+            if not spec.rate_bps and spec.deadline is None:
+                raise ConfigError("a window needs a rate or a deadline")
             if spec.window_end is not None and spec.window_end <= max(time.time(), spec.window_start or 0):
                 raise ConfigError("the window ends before it starts, or has already ended")
     except (ConfigError, PathError) as exc:
         raise InvalidTransferError(str(exc)) from None
     return replace(spec, source=source, rate_bps=int(spec.rate_bps))
+
+
+def _tree_bytes(path: str, recursive: bool) -> int:
+    """Size of a regular file, or of the regular files of a tree (symlinks not followed)."""
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return st.st_size
+    if not recursive:
+        return 0
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 class _Running:
@@ -363,6 +403,9 @@ class JobManager:
         spec = _validate(spec)
         if (spec.window_start is not None or spec.window_end is not None) and self.scheduler is None:
             raise InvalidTransferError("windows need the scheduler (dxa serve --controller HOST:PORT)")
+        if spec.deadline is not None and self.scheduler is None:
+            raise InvalidTransferError("a deadline needs the scheduler (dxa serve --controller HOST:PORT), which "
+                                       "derives the rate from it; without one give a rate, or none (unlimited)")
         if spec.source_agent and spec.source_agent != self.identity.name:
             raise InvalidTransferError(
                 f"this agent is {self.identity.name!r}: it sends only its own data (source agent "
@@ -422,6 +465,31 @@ class JobManager:
         if old != rate:
             self._emit(t.id, RateChanged(t.id, time.time(), old, rate))
         return replace(t)
+
+    async def change_rate(self, transfer_id: str, rate_bps: int) -> Transfer:
+        """:meth:`set_rate` as operators ask for it (``dxa rate``, SetRate): a job that holds a
+        reservation gets the new rate only once the scheduler has changed the reservation
+        (a raise must fit on every link of its path); other jobs at once."""
+        t = self._job(transfer_id)
+        if self.scheduler is not None and t.reservation_id and self._scheduled(t) and not t.state.final:
+            from controller_stub.client import ControllerError
+
+            try:
+                rate = int(check_rate(rate_bps))
+            except ConfigError as exc:
+                raise InvalidTransferError(str(exc)) from None
+            if not rate:
+                raise InvalidTransferError(f"{transfer_id} runs on reservation {t.reservation_id}: its rate cannot be "
+                                           f"unlimited (0); cancel it and submit it without a rate instead")
+            try:
+                r, _admitted = await self.scheduler.client.change_rate(t.reservation_id, rate)
+            except ControllerError as exc:
+                raise RateRefusedError(f"the scheduler did not change reservation {t.reservation_id}: {exc}") from None
+            run = self._running.get(transfer_id)
+            if run is not None:
+                run.granted_bps = r.rate_bps
+            rate_bps = r.rate_bps
+        return self.set_rate(transfer_id, rate_bps)
 
     async def wait(self, transfer_id: str) -> Transfer:
         """Until the job is final (and its reservation released); its last state."""
@@ -504,31 +572,69 @@ class JobManager:
         self._running[t.id] = run
         run.task = asyncio.get_running_loop().create_task(self._run(t, run), name=f"dxa-transfer-{t.id}")
 
+    def _scheduled(self, t: Transfer) -> bool:
+        return self.scheduler is not None and bool(t.spec.rate_bps or t.spec.deadline is not None)
+
     async def _run(self, t: Transfer, run: _Running) -> None:
         loop = asyncio.get_running_loop()
         reporter = loop.create_task(self._report(t, run))
-        follower = None
         try:
-            if self.scheduler is not None and t.spec.rate_bps:
-                await self._reserve(t, run, self.scheduler)
-                follower = loop.create_task(self._follow(t, run, self.scheduler))
-            await self._attempts(t, run)
+            if self._scheduled(t):
+                assert self.scheduler is not None
+                await self._run_scheduled(t, run, self.scheduler)
+            else:
+                await self._attempts(t, run)
         except asyncio.CancelledError:
             if run.cancel_requested and not self._closing:
                 self._set_state(t, JobState.CANCELLED)
             elif self._store is not None:
                 self._save(t)  # shutdown: stays unfinished, resumed by the next start
+        except JobError as exc:  # refused by the scheduler: said in the job's error, no traceback
+            self._set_state(t, JobState.FAILED, str(exc))
         except Exception as exc:  # a job never takes the daemon down
             log.exception("transfer %s failed", t.id)
             self._set_state(t, JobState.FAILED, str(exc) or type(exc).__name__)
         finally:
-            for task in (reporter, follower):
-                if task is not None:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
             if t.reservation_id and t.state.final and self.scheduler is not None:
                 await self._release(t, self.scheduler)
             self._running.pop(t.id, None)
+
+    async def _run_scheduled(self, t: Transfer, run: _Running, link: SchedulerLink) -> None:
+        """Reserve, then copy while following the reservation.  When the scheduler ends the
+        reservation under a running copy, the copy stops (its data stays resumable): at the
+        end of the job's window or deadline the job fails; otherwise (lease lost while the
+        scheduler was unreachable, preempted by a capacity cut) it waits for a new
+        reservation and resumes."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._reserve(t, run, link)
+            copying = loop.create_task(self._attempts(t, run))
+            following = loop.create_task(self._follow(t, run, link))
+            try:
+                await asyncio.wait((copying, following), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (copying, following):
+                    task.cancel()
+                await asyncio.gather(copying, following, return_exceptions=True)
+            if not copying.cancelled():
+                copying.result()  # finished (or raised) before the reservation went away
+                return
+            r = following.result()
+            reason = (r.reason or r.state.value) if r is not None else "unknown to the scheduler"
+            finish_by = t.spec.deadline if t.spec.deadline is not None else t.spec.window_end
+            left = f"{t.bytes_done} of {t.bytes_total} bytes arrived" if t.bytes_total else "nothing arrived"
+            if reason == "window ended" or finish_by is not None and time.time() >= finish_by:
+                what = "deadline" if t.spec.deadline is not None else "window"
+                self._set_state(t, JobState.FAILED,
+                                f"the {what} ended before the transfer finished ({left}); the partial data is "
+                                f"kept: submit the same transfer again to resume it")
+                return
+            log.warning("transfer %s: reservation %s released by the scheduler (%s); stopped, asking for a new one",
+                        t.id, t.reservation_id, reason)
+            self._set_state(t, JobState.SUBMITTED, f"reservation released by the scheduler ({reason}); "
+                                                   f"waiting for a new one ({left})")
 
     # ------------------------------------------------------------ the scheduler
     async def _reserve(self, t: Transfer, run: _Running, link: SchedulerLink) -> None:
@@ -551,11 +657,20 @@ class JobManager:
                     if not dest_name:
                         remote = parse_remote(t.spec.destination)
                         dest_name = await peer_name(remote.host, remote.port, self.identity)
-                    decision = await link.client.request_reservation(ReservationRequest(
-                        link.name, dest_name, rate_bps=t.spec.rate_bps, priority=t.spec.priority,
-                        not_before=t.spec.window_start, finish_by=t.spec.window_end))
+                    if t.spec.deadline is not None:
+                        request = ReservationRequest(
+                            link.name, dest_name, volume_bytes=self._volume(t), priority=t.spec.priority,
+                            not_before=t.spec.window_start, finish_by=t.spec.deadline, transfer_id=t.id)
+                    else:
+                        request = ReservationRequest(
+                            link.name, dest_name, rate_bps=t.spec.rate_bps, priority=t.spec.priority,
+                            not_before=t.spec.window_start, finish_by=t.spec.window_end, transfer_id=t.id)
+                    decision = await link.client.request_reservation(request)
                     if decision.reservation is None:
-                        raise JobError(f"the scheduler refused the reservation ({decision.outcome.value})")
+                        when = (f"; the earliest start that would fit is "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(decision.earliest_start))}"
+                                if decision.earliest_start is not None else "")
+                        raise JobError(f"the scheduler refused the reservation ({decision.outcome.value}){when}")
                     r = decision.reservation
                     t.reservation_id = r.id
                     self._save(t)
@@ -580,13 +695,14 @@ class JobManager:
                              or exc.kind == "LeaseExpiredError"
                              or exc.kind == "UnknownAgentError" and link.name in exc.details)
                 if not transient:
-                    raise JobError(f"scheduler: {exc}") from None
+                    raise JobError(f"the scheduler refused the reservation: {exc}") from None
                 log.warning("transfer %s: scheduler: %s; retrying", t.id, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
 
-    async def _follow(self, t: Transfer, run: _Running, link: SchedulerLink) -> None:
-        """Apply the reservation's rate (changed by an operator or the scheduler) to the pacer."""
+    async def _follow(self, t: Transfer, run: _Running, link: SchedulerLink) -> Reservation | None:
+        """Apply the reservation's rate (changed by an operator or the scheduler) to the pacer;
+        return when the scheduler has ended the reservation (None: it no longer knows it)."""
         from controller_stub.client import ControllerError
 
         while True:
@@ -597,13 +713,20 @@ class JobManager:
                 log.debug("transfer %s: cannot poll reservation %s: %s", t.id, t.reservation_id, exc)
                 continue
             if r is None or r.state.released:
-                log.warning("transfer %s: reservation %s released by the scheduler (%s); continuing at %d bit/s",
-                            t.id, t.reservation_id, r.reason if r else "unknown", t.rate_bps)
-                return
+                return r
             if r.rate_bps != run.granted_bps:
                 run.granted_bps = r.rate_bps
                 if not t.state.final:
                     self.set_rate(t.id, r.rate_bps)
+
+    def _volume(self, t: Transfer) -> int:
+        """Bytes a deadline job still has to move, plus 2 % and 1 MiB of headroom for framing and
+        start-up (the reservation's rate is this volume over the time left)."""
+        if t.bytes_total:
+            left = max(0, t.bytes_total - t.bytes_done)
+        else:
+            left = _tree_bytes(self._source_path(t.spec.source), t.spec.recursive)
+        return left + left // 50 + (1 << 20)
 
     async def _release(self, t: Transfer, link: SchedulerLink) -> None:
         """Release the job's reservation with the job's outcome (retried while the scheduler is away)."""

@@ -91,7 +91,8 @@ class Scheduled:
 
     def _new_scheduler(self, state: Path, port: int) -> ControllerServer:
         server = ControllerServer(self.sched_ident, load_topology(TOPOLOGY), state, host="127.0.0.1", port=port,
-                                  config=LedgerConfig(lease_timeout=LEASE), tick_interval=0.1)
+                                  config=LedgerConfig(lease_timeout=LEASE), tick_interval=0.1,
+                                  admins=("sched",))  # the operator in operator_change
         self.sched_thread.run(server.start())
         return server
 
@@ -221,9 +222,10 @@ def test_change_rate_is_followed_and_cancel_releases_and_stays_resumable(small):
     assert (s.b.root / "big.bin").read_bytes() == src.read_bytes()
 
 
-def test_an_agent_that_stops_heartbeating_loses_its_reservation(small):
+def test_an_agent_that_stops_heartbeating_loses_its_reservation_and_resumes_on_a_new_one(small):
     s = small
-    (s.a.root / "big.bin").write_bytes(os.urandom(2 << 20))
+    src = s.a.root / "big.bin"
+    src.write_bytes(os.urandom(2 << 20))
 
     async def go():
         t = s.manager.submit(TransferSpec("big.bin", s.b.url("big.bin"), rate_bps=4 * M))
@@ -234,9 +236,20 @@ def test_an_agent_that_stops_heartbeating_loses_its_reservation(small):
         return s.manager.get(t.id)
 
     t = s.on_a(go())
-    r = s.wait_for(lambda: (x := s.reservations()[t.reservation_id]).state.released and x, what="lease expiry")
+    first = t.reservation_id
+    r = s.wait_for(lambda: (x := s.reservations()[first]).state.released and x, what="lease expiry")
     assert r.state is State.FAILED and "lease" in r.reason
-    s.on_a(s.manager.cancel_and_wait(t.id))
+    # The agent stops the copy (its data stays) and waits for a new reservation...
+    waiting = s.wait_for(lambda: (x := s.manager.get(t.id)).state is JobState.SUBMITTED and x, what="job paused")
+    assert "lease expired" in waiting.error
+
+    # ...which it gets once it heart-beats again; the copy resumes and finishes.
+    s.on_a(s.link_a.start())
+    t = s.on_a(s.manager.wait(t.id), timeout=30)
+    assert t.state is JobState.DONE, t
+    assert t.reservation_id != first and s.reservations()[t.reservation_id].state is State.DONE
+    assert t.bytes_skipped > 0  # resumed, not started over
+    assert src.read_bytes() == (s.b.root / "big.bin").read_bytes()
 
 
 def test_the_agent_registers_again_with_a_scheduler_that_lost_its_state(small):
@@ -338,6 +351,9 @@ def test_windows_cross_the_wire_and_the_cli_reads_times():
 
     spec = TransferSpec("a", "dxa://h:1/b", 5 * M, 1, False, "", 1000.5, 2000.25)
     assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
+    spec = TransferSpec("a", "dxa://h:1/b", 0, 1, False, "", 1000.5, None, deadline=3000.75)
+    assert convert.spec_to_proto(spec).WhichOneof("pace") == "deadline"
+    assert convert.spec_from_proto(convert.spec_to_proto(spec)) == spec
     assert _when(None) is None and _when("12.5") == 12.5
     assert _when("2026-11-25T14:00:00+00:00") == 1795615200.0
     assert time.time() + 9 < _when("+10") < time.time() + 11
@@ -367,3 +383,116 @@ def test_a_restarted_daemon_resumes_its_job_on_the_same_reservation(small):
     assert t.state is JobState.DONE and t.reservation_id == rid
     assert s.reservations()[rid].state is State.DONE
     assert src.read_bytes() == (s.b.root / "big.bin").read_bytes()
+
+
+def test_a_deadline_job_reserves_the_volume_over_the_time_left(small):
+    s = small
+    src = s.a.root / "d.bin"
+    src.write_bytes(os.urandom(1 << 20))
+
+    async def go():
+        deadline = time.time() + 5
+        t = s.manager.submit(TransferSpec("d.bin", s.b.url("d.bin"), deadline=deadline))
+        return deadline, await s.manager.wait(t.id)
+
+    deadline, t = s.on_a(go(), timeout=30)
+    assert t.state is JobState.DONE, t
+    r = s.reservations()[t.reservation_id]
+    assert r.request.rate_bps is None and r.request.finish_by == pytest.approx(deadline, abs=0.01)
+    volume = r.request.volume_bytes
+    assert (1 << 20) < volume < 2.2 * (1 << 20)  # the file plus 2 % and 1 MiB of headroom
+    # The ledger's rate: the volume over the time left when it was admitted (< 5 s).
+    assert volume * 8 / 5 <= r.rate_bps <= volume * 8 / 4
+    assert r.end == pytest.approx(deadline, abs=0.01) and r.state is State.DONE
+    assert t.updated <= deadline
+    assert src.read_bytes() == (s.b.root / "d.bin").read_bytes()
+
+
+def test_deadlines_that_cannot_work_are_refused(small, tmp_path):
+    from agent.service.transfers import InvalidTransferError
+
+    s = small
+    (s.a.root / "x.bin").write_bytes(os.urandom(4 << 20))
+    soon = time.time() + 60
+
+    async def submit(spec):
+        t = s.manager.submit(spec)
+        return await s.manager.wait(t.id)
+
+    with pytest.raises(InvalidTransferError, match="rate or a deadline, not both"):
+        s.on_a(submit(TransferSpec("x.bin", s.b.url("x.bin"), rate_bps=M, deadline=soon)))
+    with pytest.raises(InvalidTransferError, match="deadline has passed"):
+        s.on_a(submit(TransferSpec("x.bin", s.b.url("x.bin"), deadline=time.time() - 1)))
+    with pytest.raises(InvalidTransferError, match="not both"):
+        s.on_a(submit(TransferSpec("x.bin", s.b.url("x.bin"), deadline=soon, window_end=soon)))
+    # 5 MiB in one second needs 42 Mbit/s: more than the 6 Mbit/s path can ever carry.
+    t = s.on_a(submit(TransferSpec("x.bin", s.b.url("x.bin"), deadline=time.time() + 1)))
+    assert t.state is JobState.FAILED and "refused" in t.error, t
+    assert not (s.b.root / "x.bin").exists()
+
+    async def unscheduled():
+        m = JobManager(str(s.a.root), str(tmp_path / "other.sqlite"), s.alpha_ident, options=OPTS)
+        await m.start()
+        try:
+            m.submit(TransferSpec("x.bin", s.b.url("x.bin"), deadline=soon))
+        finally:
+            await m.close()
+
+    with pytest.raises(InvalidTransferError, match="needs the scheduler"):
+        s.on_a(unscheduled())
+
+
+def test_a_job_still_running_when_its_window_ends_is_stopped_and_stays_resumable(small):
+    s = small
+    src = s.a.root / "slow.bin"
+    src.write_bytes(os.urandom(2 << 20))  # 16 s at 1 Mbit/s
+
+    async def go():
+        end = time.time() + 1.5
+        t = s.manager.submit(TransferSpec("slow.bin", s.b.url("slow.bin"), rate_bps=M, window_end=end))
+        return end, await s.manager.wait(t.id)
+
+    end, t = s.on_a(go(), timeout=30)
+    assert t.state is JobState.FAILED and "window ended" in t.error and "resume" in t.error, t
+    assert time.time() - end < 5  # stopped when the window closed, not at the end of the data
+    r = s.reservations()[t.reservation_id]
+    assert r.state is State.FAILED and r.reason == "window ended"
+    assert not (s.b.root / "slow.bin").exists()  # never visible under its name while partial
+
+    async def again():
+        t2 = s.manager.submit(TransferSpec("slow.bin", s.b.url("slow.bin"), rate_bps=6 * M))
+        return await s.manager.wait(t2.id)
+
+    t2 = s.on_a(again(), timeout=30)
+    assert t2.state is JobState.DONE and t2.bytes_skipped > 0, t2
+    assert src.read_bytes() == (s.b.root / "slow.bin").read_bytes()
+
+
+def test_an_operator_rate_change_on_a_scheduled_job_goes_through_the_scheduler(small):
+    from agent.service.transfers import RateRefusedError
+
+    s = small
+    (s.a.root / "big.bin").write_bytes(os.urandom(2 << 20))
+
+    async def go():
+        m = s.manager
+        t = m.submit(TransferSpec("big.bin", s.b.url("big.bin"), rate_bps=2 * M))
+        async for ev in m.watch(t.id):
+            if isinstance(ev, StateChanged) and ev.new is JobState.TRANSFERRING:
+                break
+        raised = await m.change_rate(t.id, 5 * M)
+        refused = None
+        try:
+            await m.change_rate(t.id, 50 * M)  # the path holds 6 Mbit/s
+        except RateRefusedError as exc:
+            refused = exc
+        after_refusal = m.get(t.id)
+        await m.cancel_and_wait(t.id)
+        return raised, refused, after_refusal
+
+    raised, refused, after = s.on_a(go())
+    assert raised.rate_bps == 5 * M
+    assert refused is not None and "50000000 bit/s is above the capacity" in str(refused), refused
+    assert after.rate_bps == 5 * M
+    r = s.reservations()[raised.reservation_id]
+    assert r.rate_bps == 5 * M and r.state is State.CANCELLED

@@ -259,6 +259,10 @@ def test_cli_serve_grpc_submit_status_rate_cancel(tmp_path, home, daemon_factory
             assert r.returncode == 2 and "NOT_FOUND" in r.stderr
             r = dxa(home, "submit", "../x", b.url("x"), "--agent", agent_addr)
             assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr
+            r = dxa(home, "submit", "f.bin", b.url("x"), "--agent", agent_addr, "--deadline", "+60")
+            assert r.returncode == 2 and "needs the scheduler" in r.stderr, r.stderr
+            r = dxa(home, "submit", "f.bin", b.url("x"), "--agent", agent_addr, "--deadline", "+60", "--rate", "1M")
+            assert r.returncode == 2 and "not both" in r.stderr, r.stderr
             r = dxa(home, "status", "--agent", "127.0.0.1:1")
             assert r.returncode == 4
 
