@@ -23,6 +23,7 @@ __all__ = [
     "InvalidTransitionError",
     "TopologyError",
     "LedgerStoreError",
+    "PermissionDeniedError",
 ]
 
 
@@ -125,3 +126,24 @@ class TopologyError(ConfigError):
 
 class LedgerStoreError(StorageError):
     """The scheduler's SQLite database could not be read or written."""
+
+
+class PermissionDeniedError(DxaError):
+    """The caller may not do that: it is not the agent it names, nor a source or destination
+    of the reservation, nor an admin.  Not a ledger error: the ledger was never asked.
+
+    ``caller`` is the common name of the caller's certificate (its node name; ``""`` when
+    the certificate has none), ``action`` the RPC it called (``"ChangeRate"``); ``agent``
+    is the name it gave (RegisterAgent, Heartbeat), ``reservation_id`` the reservation it
+    named, ``source`` and ``destination`` the parties it is not.
+    """
+
+    def __init__(self, caller: str, action: str, *, agent: str = "", reservation_id: str = "",
+                 source: str = "", destination: str = "") -> None:
+        super().__init__(caller, action, agent or reservation_id or f"{source}->{destination}")
+        self.caller = caller
+        self.action = action
+        self.agent = agent
+        self.reservation_id = reservation_id
+        self.source = source
+        self.destination = destination

@@ -13,6 +13,13 @@ Transport: gRPC over mutual TLS with the ``dxa init`` identity (the node's certi
 and key, the CA as the only trust anchor, client certificates required), so a client
 whose certificate comes from another CA is refused during the handshake.
 
+Authorization: the caller is the common name (CN) of its client certificate, the node
+name ``dxa init`` put there (as ``agent.aio.tls.peer_identity`` names a peer).  An agent
+registers and heartbeats only as itself; it requests, starts, releases and re-rates only
+reservations it is the source or destination of; a node named in ``admins`` may do
+everything; ListReservations is open to every caller.  The check runs before any ledger
+call, so a refused call (``PERMISSION_DENIED``, logged at WARNING) changes nothing.
+
 Errors: a ledger error is answered with ``convert.error_to_status`` and a readable
 message; trailing metadata ``dxa-error`` names the error class, and a raise that does not
 fit carries ``dxa-available-bps``.  A save that fails is answered ``UNAVAILABLE`` and the
@@ -25,12 +32,12 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
 
-from agent.errors import DxaError
+from agent.errors import ConfigError, DxaError
 from agent.service.credentials import server_credentials
 from agent.store.pki import Identity
 from controller_stub import convert
@@ -42,6 +49,7 @@ from controller_stub.errors import (
     LedgerError,
     LedgerStoreError,
     NoRouteError,
+    PermissionDeniedError,
     RateAboveCapacityError,
     UnknownAgentError,
     UnknownLinkError,
@@ -52,13 +60,14 @@ from controller_stub.ledger import (
     Ledger,
     LedgerConfig,
     RateChanged,
+    Reservation,
     ReservationAdmitted,
     ReservationReleased,
 )
 from controller_stub.store import LedgerStore
 from controller_stub.topology import Topology
 
-__all__ = ["ControllerServer", "ControllerService", "ListenError", "describe_error"]
+__all__ = ["ControllerServer", "ControllerService", "ListenError", "describe_error", "describe_refusal"]
 
 log = logging.getLogger("controller_stub.server")
 
@@ -92,6 +101,48 @@ def describe_error(exc: LedgerError) -> str:
     return ": ".join(words) if words else type(exc).__name__
 
 
+_VERBS = {
+    "RegisterAgent": "register",
+    "Heartbeat": "heartbeat",
+    "RequestReservation": "request a reservation",
+    "StartReservation": "start",
+    "ReleaseReservation": "release",
+    "ChangeRate": "change the rate of",
+}
+
+
+def describe_refusal(exc: PermissionDeniedError) -> str:
+    """A sentence for people: who called, and what it may not do."""
+    verb = _VERBS.get(exc.action, exc.action)
+    if not exc.caller:
+        return f"the caller's certificate has no common name (node name): it may not {verb}"
+    if exc.agent:
+        return f"node {exc.caller!r} may not {verb} as {exc.agent!r}"
+    if exc.reservation_id:
+        return (f"node {exc.caller!r} is not a party of reservation {exc.reservation_id} "
+                f"({exc.source} -> {exc.destination}): it may not {verb} it")
+    return (f"node {exc.caller!r} may not {verb} from {exc.source!r} to {exc.destination!r}: "
+            f"it is neither the source nor the destination")
+
+
+def _caller(context) -> str:
+    """The common name of the caller's verified certificate ("" if it has none)."""
+    names = context.auth_context().get("x509_common_name") or ()
+    try:
+        return names[0].decode() if names else ""
+    except UnicodeDecodeError:
+        return ""
+
+
+def _admin_names(admins: Iterable[str]) -> frozenset[str]:
+    if isinstance(admins, str):
+        raise ConfigError(f"admins must be a collection of node names, not the string {admins!r}")
+    names = frozenset(admins)
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ConfigError(f"admins must be non-empty node names, got {sorted(map(repr, names))}")
+    return names
+
+
 def _event_text(event) -> str:
     if isinstance(event, LeaseExpired):
         return f"lease expired: agent {event.agent.name}"
@@ -106,11 +157,16 @@ def _event_text(event) -> str:
 
 
 class ControllerService(convert.ControllerServicerBase):
-    """The servicer: owns the ledger and its store for the lifetime of the server."""
+    """The servicer: owns the ledger and its store for the lifetime of the server.
 
-    def __init__(self, ledger: Ledger, store: LedgerStore, clock: Callable[[], float] = time.time) -> None:
+    ``admins``: node names (certificate CNs) allowed every call on every agent's behalf.
+    """
+
+    def __init__(self, ledger: Ledger, store: LedgerStore, clock: Callable[[], float] = time.time, *,
+                 admins: Iterable[str] = ()) -> None:
         self.ledger = ledger
         self.store = store
+        self.admins = _admin_names(admins)
         self._clock = clock
         self._last_now = -math.inf
         self._saved = ledger.snapshot()
@@ -144,6 +200,12 @@ class ControllerService(convert.ControllerServicerBase):
         now = self.now()
         try:
             answer = fn(now)
+        except PermissionDeniedError as exc:
+            # Raised before any ledger call: nothing to save or roll back.
+            text = describe_refusal(exc)
+            log.warning("refused: %s", text)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, text,
+                                trailing_metadata=(("dxa-error", type(exc).__name__),))
         except LedgerError as exc:
             try:  # the ledger may have moved time on (expired a lease) before refusing
                 self._commit(now, always=False)
@@ -161,6 +223,25 @@ class ControllerService(convert.ControllerServicerBase):
                                                              f"changed; retry later ({exc})")
         return answer
 
+    def _check_agent(self, caller: str, action: str, name: str) -> None:
+        """The caller is the agent ``name`` (or an admin)."""
+        if caller in self.admins or (caller and caller == name):
+            return
+        raise PermissionDeniedError(caller, action, agent=name)
+
+    def _check_party(self, caller: str, action: str, source: str, destination: str,
+                     reservation_id: str = "") -> None:
+        """The caller is the source or destination (or an admin)."""
+        if caller in self.admins or (caller and caller in (source, destination)):
+            return
+        raise PermissionDeniedError(caller, action, reservation_id=reservation_id, source=source,
+                                    destination=destination)
+
+    def _check_reservation(self, caller: str, action: str, reservation_id: str) -> Reservation:
+        r = self.ledger.get(reservation_id)
+        self._check_party(caller, action, r.request.source, r.request.destination, r.id)
+        return r
+
     def tick(self) -> None:
         """Let time pass (leases, windows, deadlines) and save if anything changed."""
         now = self.now()
@@ -170,21 +251,33 @@ class ControllerService(convert.ControllerServicerBase):
     # ------------------------------------------------------------ the RPCs
 
     async def RegisterAgent(self, request, context):
+        caller = _caller(context)
+
         def fn(now):
-            agent = self.ledger.register(convert.registration_from_proto(request), now)
+            registration = convert.registration_from_proto(request)
+            self._check_agent(caller, "RegisterAgent", registration.name)
+            agent = self.ledger.register(registration, now)
             log.info("registered agent %s at %s (%d bit/s)", agent.name, agent.site, agent.capacity_bps)
             return convert.register_response(agent, self.ledger.config.lease_timeout)
         return await self._call(context, fn)
 
     async def Heartbeat(self, request, context):
+        caller = _caller(context)
+
         def fn(now):
-            agent = self.ledger.heartbeat(convert.heartbeat_from_request(request), now)
+            name = convert.heartbeat_from_request(request)
+            self._check_agent(caller, "Heartbeat", name)
+            agent = self.ledger.heartbeat(name, now)
             return convert.heartbeat_response(agent, self.ledger.reservations(agent=agent.name))
         return await self._call(context, fn)
 
     async def RequestReservation(self, request, context):
+        caller = _caller(context)
+
         def fn(now):
-            decision = self.ledger.request(convert.spec_from_request(request), now)
+            spec = convert.spec_from_request(request)
+            self._check_party(caller, "RequestReservation", spec.source, spec.destination)
+            decision = self.ledger.request(spec, now)
             r = decision.reservation
             log.info("request %s->%s: %s%s", request.spec.source_agent, request.spec.destination_agent,
                      decision.outcome.value, f" {r.id} at {r.rate_bps} bit/s" if r else "")
@@ -192,23 +285,35 @@ class ControllerService(convert.ControllerServicerBase):
         return await self._call(context, fn)
 
     async def StartReservation(self, request, context):
-        return await self._call(context, lambda now: convert.start_response(
-            self.ledger.start(convert.start_from_request(request), now)))
+        caller = _caller(context)
+
+        def fn(now):
+            rid = convert.start_from_request(request)
+            self._check_reservation(caller, "StartReservation", rid)
+            return convert.start_response(self.ledger.start(rid, now))
+        return await self._call(context, fn)
 
     async def ReleaseReservation(self, request, context):
+        caller = _caller(context)
+
         def fn(now):
             rid, outcome, reason = convert.release_from_proto(request)
+            self._check_reservation(caller, "ReleaseReservation", rid)
             admitted = self.ledger.release(rid, outcome, now, reason)
             return convert.release_response(self.ledger.get(rid), admitted)
         return await self._call(context, fn)
 
     async def ChangeRate(self, request, context):
+        caller = _caller(context)
+
         def fn(now):
             rid, rate = convert.change_rate_from_request(request)
+            self._check_reservation(caller, "ChangeRate", rid)
             return convert.change_rate_response(*self.ledger.change_rate(rid, rate, now))
         return await self._call(context, fn)
 
     async def ListReservations(self, request, context):
+        # Read-only: open to every caller the TLS handshake let in.
         def fn(now):
             agent, states = convert.list_filter_from_proto(request)
             self.ledger.tick(now)  # show what is true now (expired leases, ended windows)
@@ -221,12 +326,15 @@ class ControllerServer:
 
     ``clock`` and ``config`` (the lease timeout) are injectable for tests.  The topology is
     applied on every start, so a changed capacity takes effect (and may preempt).
+    ``admins``: node names (client certificate CNs) that may do every call for any agent
+    and any reservation (operators); everyone else acts only as itself.
     """
 
     def __init__(self, identity: Identity, topology: Topology, state_path: str | Path, *, host: str = "127.0.0.1",
                  port: int = 0, config: LedgerConfig | None = None, clock: Callable[[], float] = time.time,
-                 tick_interval: float = 1.0) -> None:
+                 tick_interval: float = 1.0, admins: Iterable[str] = ()) -> None:
         self.identity = identity
+        self.admins = _admin_names(admins)
         self.topology = topology
         self.state_path = Path(state_path)
         self.host, self.port = host, port
@@ -251,7 +359,7 @@ class ControllerServer:
             now = self.clock()
             ledger = Ledger.restore(snap, now, self.config) if snap is not None else Ledger(self.config)
             self.topology.apply(ledger, now)
-            self.service = ControllerService(ledger, store, self.clock)
+            self.service = ControllerService(ledger, store, self.clock, admins=self.admins)
             # No SO_REUSEPORT: a second scheduler on the same port must fail, not share it.
             server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             convert.add_servicer_to_server(self.service, server)
@@ -269,8 +377,9 @@ class ControllerServer:
         self._server, self.port = server, port
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         held = sum(1 for r in self.ledger.reservations() if not r.state.released)
-        log.info("controller listening on %s:%d, state %s (%d agents, %d unreleased reservations)",
-                 self.host, port, self.state_path, len(self.ledger.agents()), held)
+        log.info("controller listening on %s:%d, state %s (%d agents, %d unreleased reservations), admins: %s",
+                 self.host, port, self.state_path, len(self.ledger.agents()), held,
+                 ", ".join(sorted(self.admins)) or "none")
         return port
 
     async def _tick_forever(self) -> None:

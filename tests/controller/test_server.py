@@ -39,6 +39,12 @@ def pki(tmp_path):
     return ident, agent
 
 
+@pytest.fixture
+def gw2(pki, tmp_path):
+    """A second agent's identity: an agent registers and heartbeats only under its own name."""
+    return issue_cert(tmp_path / "sched", "gw2", tmp_path / "gw2")
+
+
 def _server(ident, state: Path, **kw) -> ControllerServer:
     return ControllerServer(ident, load_topology(TOPOLOGY), state, host="127.0.0.1", port=0, **kw)
 
@@ -47,13 +53,14 @@ def _client(server: ControllerServer, ident) -> ControllerClient:
     return ControllerClient(f"127.0.0.1:{server.port}", ident, timeout=5.0)
 
 
-async def _register_two(c: ControllerClient) -> None:
+async def _register_two(port: int, gw1, gw2) -> None:
     # gw1 in Geneva, gw2 in Amsterdam, 10 Gbit/s each: the path's bottleneck is their own links.
-    await c.register_agent("gw1", "geneva", ["10.0.0.1:7400"], 10 * G)
-    await c.register_agent("gw2", "amsterdam", ["10.0.1.1:7400"], 10 * G)
+    for ident, site, address in ((gw1, "geneva", "10.0.0.1:7400"), (gw2, "amsterdam", "10.0.1.1:7400")):
+        async with ControllerClient(f"127.0.0.1:{port}", ident, timeout=5.0) as c:
+            await c.register_agent(ident.name, site, [address], 10 * G)
 
 
-def test_the_reservation_lifecycle_over_grpc_and_a_restart(pki, tmp_path):
+def test_the_reservation_lifecycle_over_grpc_and_a_restart(pki, gw2, tmp_path):
     ident, agent_ident = pki
     state = tmp_path / "ledger.db"
 
@@ -64,7 +71,8 @@ def test_the_reservation_lifecycle_over_grpc_and_a_restart(pki, tmp_path):
             async with _client(server, agent_ident) as c:
                 agent, lease = await c.register_agent("gw1", "geneva", ["10.0.0.1:7400"], 10 * G)
                 assert (agent.name, agent.site, agent.capacity_bps, lease) == ("gw1", "geneva", 10 * G, 30.0)
-                await c.register_agent("gw2", "amsterdam", ["10.0.1.1:7400"], 10 * G)
+                async with _client(server, gw2) as c2:
+                    await c2.register_agent("gw2", "amsterdam", ["10.0.1.1:7400"], 10 * G)
                 expires, held = await c.heartbeat("gw1")
                 assert expires > time.time() + 25 and held == []
 
@@ -147,7 +155,7 @@ def test_the_reservation_lifecycle_over_grpc_and_a_restart(pki, tmp_path):
     asyncio.run(main())
 
 
-def test_leases_expire_in_the_background_and_the_state_is_saved(pki, tmp_path):
+def test_leases_expire_in_the_background_and_the_state_is_saved(pki, gw2, tmp_path):
     ident, agent_ident = pki
     state = tmp_path / "ledger.db"
     clock = [1_800_000_000.0]
@@ -157,14 +165,14 @@ def test_leases_expire_in_the_background_and_the_state_is_saved(pki, tmp_path):
                          tick_interval=0.02)
         await server.start()
         try:
-            async with _client(server, agent_ident) as c:
+            async with _client(server, agent_ident) as c, _client(server, gw2) as c2:
                 _, lease = await c.register_agent("gw1", "geneva", [], 10 * G)
                 assert lease == 2.0
-                await c.register_agent("gw2", "amsterdam", [], 10 * G)
+                await c2.register_agent("gw2", "amsterdam", [], 10 * G)
                 d = await c.request_reservation(ReservationRequest("gw1", "gw2", rate_bps=G))
                 assert d.outcome is Outcome.ADMITTED
                 clock[0] += 1.5
-                await c.heartbeat("gw2")  # gw2 stays; gw1 falls silent
+                await c2.heartbeat("gw2")  # gw2 stays; gw1 falls silent
                 clock[0] += 1.0
                 # No RPC from here: only the ticker can notice gw1's lease ran out.
                 deadline = time.monotonic() + 10
@@ -180,7 +188,7 @@ def test_leases_expire_in_the_background_and_the_state_is_saved(pki, tmp_path):
                 with pytest.raises(ControllerError) as err:
                     await c.heartbeat("gw1")
                 assert err.value.code is grpc.StatusCode.FAILED_PRECONDITION and err.value.kind == "LeaseExpiredError"
-                await c.heartbeat("gw2")
+                await c2.heartbeat("gw2")
                 await c.register_agent("gw1", "geneva", [], 10 * G)  # registering again revives it
                 await c.heartbeat("gw1")
         finally:
@@ -189,7 +197,7 @@ def test_leases_expire_in_the_background_and_the_state_is_saved(pki, tmp_path):
     asyncio.run(main())
 
 
-def test_a_client_from_another_ca_is_refused(pki, tmp_path):
+def test_a_client_from_another_ca_is_refused(pki, gw2, tmp_path):
     ident, agent_ident = pki
     foreign_home = tmp_path / "foreign"
     init_home(foreign_home, "foreign-ca")
@@ -206,8 +214,7 @@ def test_a_client_from_another_ca_is_refused(pki, tmp_path):
                 with pytest.raises(ControllerError) as err:
                     await bad.register_agent("intruder", "geneva", [], 10 * G)
                 assert err.value.code is grpc.StatusCode.UNAVAILABLE
-            async with _client(server, agent_ident) as good:
-                await _register_two(good)
+            await _register_two(server.port, agent_ident, gw2)
             assert [a.name for a in server.ledger.agents()] == ["gw1", "gw2"]
         finally:
             await server.stop()
@@ -215,7 +222,7 @@ def test_a_client_from_another_ca_is_refused(pki, tmp_path):
     asyncio.run(main())
 
 
-def test_dxa_controller_serve(pki, tmp_path):
+def test_dxa_controller_serve(pki, gw2, tmp_path):
     """The CLI: listens with --port-file, answers, stops on SIGTERM with status 0."""
     _, agent_ident = pki
     port_file, state = tmp_path / "port", tmp_path / "ledger.db"
@@ -233,8 +240,8 @@ def test_dxa_controller_serve(pki, tmp_path):
         port = int(port_file.read_text())
 
         async def main():
+            await _register_two(port, agent_ident, gw2)
             async with ControllerClient(f"127.0.0.1:{port}", agent_ident, timeout=5.0) as c:
-                await _register_two(c)
                 d = await c.request_reservation(ReservationRequest("gw1", "gw2", rate_bps=G))
                 assert d.outcome is Outcome.ADMITTED
 
@@ -315,14 +322,14 @@ def test_an_expired_client_certificate_is_refused(pki, tmp_path):
     asyncio.run(main())
 
 
-def test_a_failed_save_is_not_acknowledged_and_leaves_no_trace(pki, tmp_path):
+def test_a_failed_save_is_not_acknowledged_and_leaves_no_trace(pki, gw2, tmp_path):
     from controller_stub.errors import LedgerStoreError
 
     ident, agent_ident = pki
 
     async def main():
         async with _server(ident, tmp_path / "ledger.db") as server, _client(server, agent_ident) as c:
-            await _register_two(c)
+            await _register_two(server.port, agent_ident, gw2)
             store = server.service.store
             real_save = store.save
 
