@@ -63,6 +63,10 @@ class MtlsClient:
     def __init__(self, target: str, identity: Identity, *, server_name: str | None = None,
                  timeout: float = 10.0) -> None:
         options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        # gRPC's default reconnect backoff grows to 120 s: a daemon whose scheduler restarted
+        # would miss its lease.  Retry a lost connection within a second instead.
+        options += [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 1000)]
         self.timeout = timeout
         self._channel = grpc.aio.secure_channel(target, channel_credentials(identity), options=options)
 

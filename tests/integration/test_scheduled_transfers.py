@@ -89,9 +89,9 @@ class Scheduled:
         self.link_a, self.manager = self.on_a(start_a())
         self.link_b = asyncio.run_coroutine_threadsafe(start_b(), self.b.loop).result(20)
 
-    def _new_scheduler(self, state: Path, port: int) -> ControllerServer:
+    def _new_scheduler(self, state: Path, port: int, lease: float = LEASE) -> ControllerServer:
         server = ControllerServer(self.sched_ident, load_topology(TOPOLOGY), state, host="127.0.0.1", port=port,
-                                  config=LedgerConfig(lease_timeout=LEASE), tick_interval=0.1,
+                                  config=LedgerConfig(lease_timeout=lease), tick_interval=0.1,
                                   admins=("sched",))  # the operator in operator_change
         self.sched_thread.run(server.start())
         return server
@@ -496,3 +496,41 @@ def test_an_operator_rate_change_on_a_scheduled_job_goes_through_the_scheduler(s
     assert after.rate_bps == 5 * M
     r = s.reservations()[raised.reservation_id]
     assert r.rate_bps == 5 * M and r.state is State.CANCELLED
+
+
+def test_a_running_job_continues_while_the_scheduler_restarts_and_resyncs_after(small):
+    s = small
+    src = s.a.root / "r.bin"
+    src.write_bytes(os.urandom(1 << 20))  # ~4 s at 2 Mbit/s
+
+    async def until_transferring():
+        t = s.manager.submit(TransferSpec("r.bin", s.b.url("r.bin"), rate_bps=2 * M))
+        async for ev in s.manager.watch(t.id):
+            if isinstance(ev, Progressed) and ev.bytes_done > 0:
+                return s.manager.get(t.id)
+
+    t = s.on_a(until_transferring())
+    rid, port = t.reservation_id, s.sched.port
+    s.sched_thread.run(s.sched.stop())  # the scheduler goes away (its state is saved)
+    before = s.manager.get(t.id).bytes_done
+    time.sleep(1.0)
+    during = s.manager.get(t.id)
+    assert during.state is JobState.TRANSFERRING and during.rate_bps == 2 * M
+    assert during.bytes_done > before  # still moving, at the granted rate
+
+    # Back, from its saved state (a longer lease: this test is about re-syncing, not about
+    # how fast a loaded CI machine reconnects; a lost lease is the heartbeat test's subject).
+    s.sched = s._new_scheduler(s.tmp / "ledger.db", port, lease=5.0)
+    assert s.reservations()[rid].state is State.TRANSFERRING
+
+    async def raise_rate():
+        async with ControllerClient(s.target, s.sched_ident, timeout=5) as c:
+            return await c.change_rate(rid, 4 * M)
+
+    s.sched_thread.run(raise_rate())  # the restarted scheduler is followed again
+    s.wait_for(lambda: s.manager.get(t.id).rate_bps == 4 * M or s.manager.get(t.id).state.final,
+               what="rate followed")
+    t = s.on_a(s.manager.wait(t.id), timeout=30)
+    assert t.state is JobState.DONE and t.reservation_id == rid, t
+    assert s.reservations()[rid].state is State.DONE  # released into the restarted scheduler
+    assert src.read_bytes() == (s.b.root / "r.bin").read_bytes()
