@@ -1,7 +1,8 @@
 """The ``dxa`` command: the only place that reads argv, the environment and config files.
 
 Settings resolve as: config file (``$DXA_HOME/config.toml`` or ``--config``) <
-environment (``DXA_*``) < flags.  Human messages for errors are formatted here.
+environment (``DXA_*``) < flags, from the one table in agent/cli/settings.py (every flag
+that sets a value has a key there).  Human messages for errors are formatted here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import resource
 import signal
 import sys
 import time
-import tomllib
 
 from agent import __version__
 from agent.errors import (
@@ -31,17 +31,28 @@ from agent.errors import (
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
 
 EPILOG = """\
-environment:
-  DXA_HOME            identity, trust and client state (default ~/.config/dxa)
-  DXA_STREAMS, DXA_CHUNK_SIZE, DXA_COMPRESS, DXA_CIPHER
-                      defaults for cp/bench (flags win)
-  DXA_NO_EXTENSIONS=1 use the pure-Python twins of the compiled modules
+config file ($DXA_HOME/config.toml, or --config FILE), one section per command;
+every flag that sets a value has a key (contrib/config.example.toml lists them all):
+  [identity]   ca, cert, key                          (--ca/--cert/--key of every command)
+  [init]       name
+  [serve]      listen, root, state_dir, port_file, fsync, metrics, grpc, grpc_port_file,
+               controller, site, capacity
+  [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
+               no_progress
+  [bench]      the keys of [cp] but no_progress, and seconds
+  [controller] listen, topology, state, port_file, lease_timeout, admins  (dxa controller serve)
+  e.g. [cp] streams = 8, chunk_size = "8M", no_encrypt = false; [controller] admins = ["ops"]
+  An unknown section or key, or a value of the wrong type, is an error (exit status 2).
+  No key: --home, --config, -v, --json, -q, SRC/DST, -r, the bench URL, init --issue/--out.
 
-config file ($DXA_HOME/config.toml, or --config FILE):
-  [cp]    streams = 8, chunk_size = "8M", compress = "auto", cipher = "aes256gcm"
-  [serve] listen = "0.0.0.0:7400", root = "/srv/dxa", state_dir = "/var/lib/dxa",
-          metrics = "127.0.0.1:9400", grpc = "127.0.0.1:7401",
-          controller = "sched:7500", site = "geneva", capacity = "10G"
+environment (wins over the file; flags win over both):
+  DXA_HOME            identity, trust, client state and config.toml (default ~/.config/dxa)
+  DXA_<KEY>           [cp], [bench] (same variables), [serve] and [identity] keys, e.g.
+                      DXA_STREAMS, DXA_CHUNK_SIZE, DXA_LISTEN, DXA_ROOT, DXA_CA; booleans 1/0
+                      ([init] name has none)
+  DXA_BENCH_SECONDS, DXA_CONTROLLER_<KEY> (e.g. DXA_CONTROLLER_ADMINS=ops,noc)
+  DXA_NO_EXTENSIONS=1 use the pure-Python twins of the compiled modules
+  dxa config [SECTION...] [--json] shows every setting and where it comes from
 
 exit status:
   0 everything arrived verified   1 transfer incomplete (re-run to resume)
@@ -54,52 +65,46 @@ def _home(args) -> str:
     return os.path.expanduser(getattr(args, "home", None) or os.environ.get("DXA_HOME") or "~/.config/dxa")
 
 
-def _config(args) -> dict:
-    path = getattr(args, "config", None) or os.path.join(_home(args), "config.toml")
-    if not os.path.exists(path):
-        if getattr(args, "config", None):
-            raise ConfigError(f"{path}: config file not found")
-        return {}
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+def _config(args):
+    """The config file, read and checked once per run (agent.cli.settings.load_config)."""
+    from agent.cli.settings import load_config
+
+    cached = getattr(args, "_config_file", None)
+    if cached is None:
+        explicit = getattr(args, "config", None)
+        cached = load_config(explicit or os.path.join(_home(args), "config.toml"), explicit=bool(explicit))
+        args._config_file = cached
+    return cached
 
 
-def _setting(args, cfg: dict, section: str, name: str, default):
-    flag = getattr(args, name, None)
-    if flag is not None:
-        return flag
-    env = os.environ.get(f"DXA_{name.upper()}")
-    if env is not None:
-        return env
-    return cfg.get(section, {}).get(name, default)
+def _settings(args, section: str) -> argparse.Namespace:
+    """Every setting of ``section`` (agent/cli/settings.py): default < config file < environment < flag."""
+    from agent.cli.settings import resolve
+
+    return argparse.Namespace(**{k: r.value for k, r in resolve(section, _config(args), args).items()})
 
 
 def _identity(args):
     from agent.store.pki import load_identity
 
-    return load_identity(_home(args), ca=args.ca, cert=args.cert, key=args.key)
+    ident = _settings(args, "identity")
+    return load_identity(_home(args), ca=ident.ca, cert=ident.cert, key=ident.key)
 
 
-def _transfer_options(args, section: str):
+def _transfer_options(args, s: argparse.Namespace):
+    """``s``: the resolved [cp] or [bench] settings."""
     from agent.config import TransferOptions, parse_rate, parse_size
 
-    cfg = _config(args)
-    try:
-        streams = int(_setting(args, cfg, section, "streams", 4))
-    except ValueError:
-        raise ConfigError("streams must be a whole number") from None
     return TransferOptions(
-        streams=streams,
-        chunk_size=parse_size(_setting(args, cfg, section, "chunk_size", "4M")),
-        compress=_setting(args, cfg, section, "compress", "auto"),
-        encrypt=not args.no_encrypt,
-        cipher=_setting(args, cfg, section, "cipher", "aes256gcm"),
+        streams=s.streams,
+        chunk_size=parse_size(s.chunk_size),
+        compress=s.compress,
+        encrypt=not s.no_encrypt,
+        cipher=s.cipher,
         recursive=getattr(args, "recursive", False),
-        rate=parse_rate(_setting(args, cfg, section, "rate", "0")),
-        fsync=bool(getattr(args, "fsync", False)),
+        rate=parse_rate(s.rate),
+        fsync=s.fsync,
+        ack_timeout=s.ack_timeout,
     )
 
 
@@ -186,7 +191,7 @@ def cmd_init(args) -> int:
         ident = issue_cert(home, args.issue, args.out)
         print(f"issued a certificate for {ident.name!r} in {args.out} (CA: {ident.ca_cert})")
         return EXIT_OK
-    ident, created = init_home(home, args.name)
+    ident, created = init_home(home, _settings(args, "init").name)
     if args.json:
         print(json.dumps({"home": home, "name": ident.name, "created": [str(p) for p in created],
                           "ca": str(ident.ca_cert), "cert": str(ident.cert), "key": str(ident.key)}))
@@ -205,24 +210,21 @@ def cmd_serve(args) -> int:
     from agent.config import ServerConfig
 
     _setup_logging(args, daemon=True)
-    cfg = _config(args)
-    listen = _setting(args, cfg, "serve", "listen", "127.0.0.1:7400")
-    root = _setting(args, cfg, "serve", "root", None)
+    s = _settings(args, "serve")
+    listen, root = s.listen, s.root
     if not root:
         raise ConfigError("dxa serve needs --root DIR (or root = ... in [serve] of the config file)")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
     config = ServerConfig(root=root, host=host.strip("[]"), port=int(port),
-                          state_dir=_setting(args, cfg, "serve", "state_dir", "") or "",
-                          fsync=str(_setting(args, cfg, "serve", "fsync", False)).lower() in ("1", "true", "yes"),
-                          metrics=str(_setting(args, cfg, "serve", "metrics", "") or ""))
+                          state_dir=s.state_dir or "", fsync=s.fsync, metrics=s.metrics or "")
     identity = _identity(args)
     _raise_fd_limit()
     log = logging.getLogger("agent.serve")
     log.info("dxa %s, node %s, native code: %s", __version__, identity.name, IMPLEMENTATION)
 
-    controller = _controller_settings(args, cfg)
+    controller = _controller_settings(s)
 
     async def main() -> None:
         server = Server(config, identity)
@@ -230,12 +232,12 @@ def cmd_serve(args) -> int:
         link = await _start_scheduler_link(controller, identity, f"{config.host}:{server.port}")
         try:
             # --grpc: the TransferService (or None)
-            transfers = await _start_transfers(args, config, identity, link)
+            transfers = await _start_transfers(s, config, identity, link)
         except BaseException:
             if link is not None:
                 await link.close()
             raise
-        _write_port_file(args.port_file, server.port)
+        _write_port_file(s.port_file, server.port)
         await _until_stopped()
         log.info("shutting down")
         if transfers is not None:
@@ -248,18 +250,17 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-def _controller_settings(args, cfg: dict) -> tuple[str, str, int] | None:
+def _controller_settings(s: argparse.Namespace) -> tuple[str, str, int] | None:
     """``--controller HOST:PORT`` with ``--site`` and ``--capacity`` (bits/s), or None (the default: no scheduler)."""
     from agent.config import parse_rate
 
-    target = _setting(args, cfg, "serve", "controller", None)
+    target = s.controller
     if not target:
         return None
     host, _, port = str(target).rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--controller wants HOST:PORT, got {target!r}")
-    site = _setting(args, cfg, "serve", "site", None)
-    capacity = _setting(args, cfg, "serve", "capacity", None)
+    site, capacity = s.site, s.capacity
     if not site or not capacity:
         raise ConfigError("dxa serve --controller needs --site NAME and --capacity RATE (this agent's link, bits/s)")
     rate = int(parse_rate(str(capacity)))
@@ -280,16 +281,16 @@ async def _start_scheduler_link(controller, identity, address: str):
     return link
 
 
-async def _start_transfers(args, config, identity, link=None):
+async def _start_transfers(s: argparse.Namespace, config, identity, link=None):
     """``dxa serve --grpc``: the TransferService and its jobs, next to the data port, on the same loop."""
     from agent.service.grpc_server import start_daemon_service
 
-    listen = _setting(args, _config(args), "serve", "grpc", None)
+    listen = s.grpc
     if not listen:
         return None
     db = os.path.join(os.path.dirname(config.journal_path), "transfers.sqlite")
     service = await start_daemon_service(listen, config.root, db, identity, scheduler=link)
-    _write_port_file(args.grpc_port_file, service[0].port)
+    _write_port_file(s.grpc_port_file, service[0].port)
     return service
 
 
@@ -304,11 +305,12 @@ def cmd_cp(args) -> int:
     from agent.aio.session import Progress
 
     _setup_logging(args)
-    opts = _transfer_options(args, "cp")
+    s = _settings(args, "cp")
+    opts = _transfer_options(args, s)
     identity = _identity(args)
     _raise_fd_limit()
     progress = Progress()
-    show_bar = sys.stderr.isatty() and not args.quiet and not args.json and not args.no_progress
+    show_bar = sys.stderr.isatty() and not args.quiet and not args.json and not s.no_progress
     bar = _ProgressBar(progress) if show_bar else None
 
     async def main():
@@ -338,7 +340,8 @@ def cmd_bench(args) -> int:
     from agent.aio.client import bench
 
     _setup_logging(args)
-    opts = _transfer_options(args, "bench")
+    s = _settings(args, "bench")
+    opts = _transfer_options(args, s)
     identity = _identity(args)
 
     def interval(iv) -> None:
@@ -348,7 +351,7 @@ def cmd_bench(args) -> int:
     if not args.json and not args.quiet:
         print(f"dxa bench to {args.url}: {opts.streams} streams, chunk {_human(opts.chunk_size)}, "
               f"{'encrypted (' + opts.cipher + ')' if opts.encrypt else 'NOT encrypted'}, BLAKE3-verified")
-    res = asyncio.run(bench(args.url, identity=identity, seconds=args.seconds, options=opts, on_interval=interval))
+    res = asyncio.run(bench(args.url, identity=identity, seconds=s.seconds, options=opts, on_interval=interval))
     if args.json:
         print(json.dumps({"seconds": round(res.seconds, 4), "bytes_sent": res.bytes_sent,
                           "bytes_verified": res.bytes_verified, "gbps": round(res.gbps, 4), "streams": opts.streams,
@@ -372,22 +375,26 @@ def cmd_controller_serve(args) -> int:
     from controller_stub.topology import load_topology
 
     _setup_logging(args, daemon=True)
-    host, _, port = args.listen.rpartition(":")
+    s = _settings(args, "controller")
+    for key in ("listen", "topology", "state"):
+        if not getattr(s, key):
+            raise ConfigError(f"dxa controller serve needs --{key} (or {key} = ... in [controller] of the config file)")
+    host, _, port = s.listen.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"--listen wants HOST:PORT, got {args.listen!r}")
-    if not (args.lease_timeout > 0 and math.isfinite(args.lease_timeout)):
-        raise ConfigError(f"--lease-timeout must be a positive number of seconds, got {args.lease_timeout}")
-    topology = load_topology(args.topology)
+        raise ConfigError(f"--listen wants HOST:PORT, got {s.listen!r}")
+    if not (s.lease_timeout > 0 and math.isfinite(s.lease_timeout)):
+        raise ConfigError(f"--lease-timeout must be a positive number of seconds, got {s.lease_timeout}")
+    topology = load_topology(s.topology)
     identity = _identity(args)
     log = logging.getLogger("controller_stub.serve")
-    log.info("dxa %s controller, node %s, topology %s", __version__, identity.name, args.topology)
+    log.info("dxa %s controller, node %s, topology %s", __version__, identity.name, s.topology)
 
     async def main() -> None:
-        server = ControllerServer(identity, topology, args.state, host=host.strip("[]"), port=int(port),
-                                  config=LedgerConfig(lease_timeout=args.lease_timeout))
+        server = ControllerServer(identity, topology, s.state, host=host.strip("[]"), port=int(port),
+                                  config=LedgerConfig(lease_timeout=s.lease_timeout), admins=s.admins)
         await server.start()
         try:
-            _write_port_file(args.port_file, server.port)
+            _write_port_file(s.port_file, server.port)
             await _until_stopped()
             log.info("shutting down")
         finally:
@@ -404,11 +411,51 @@ def cmd_controller_serve(args) -> int:
     return EXIT_OK
 
 
+def cmd_config(args) -> int:
+    """``dxa config [SECTION...]``: the effective settings, without flags, and where each comes from."""
+    from agent.cli.settings import SECTIONS, resolve, suggest
+
+    for section in args.sections:
+        if section not in SECTIONS:
+            raise ConfigError(f"no section {section!r}{suggest(section, SECTIONS)}; sections: {', '.join(SECTIONS)}")
+    cfg = _config(args)
+    shown = {section: resolve(section, cfg) for section in (args.sections or SECTIONS)}
+    if args.json:
+        print(json.dumps({"config": cfg.path, "settings": {
+            section: {key: {"value": r.value, "source": r.source, "origin": r.origin or None} for key, r in rs.items()}
+            for section, rs in shown.items()}}))
+        return EXIT_OK
+
+    def text(value) -> str:
+        if value is None or value == []:
+            return "-"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return ", ".join(value) if isinstance(value, list) else str(value)
+
+    print(f"config file: {cfg.path or os.path.join(_home(args), 'config.toml') + ' (none)'}")
+    rows = [("SECTION", "KEY", "VALUE", "FROM")] + [
+        (section, key, text(r.value), {"file": "file", "env": f"env {r.origin}"}.get(r.source, r.source))
+        for section, rs in shown.items() for key, r in rs.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    return EXIT_OK
+
+
 # -- argument parsing --------------------------------------------------------------------
+def _keys_epilog(section: str) -> str:
+    return (f"Options that set a value can also come from [{section}] of the config file or DXA_* variables "
+            f"(flags win; see dxa --help); dxa config {section} shows the effective values.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", metavar="DIR", help="identity and state directory (default $DXA_HOME or ~/.config/dxa)")
-    common.add_argument("--config", metavar="FILE", help="TOML config file (default $DXA_HOME/config.toml)")
+    # Every flag that sets a value has a key in agent/cli/settings.py (flags default to None: "not given").
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--home", metavar="DIR",
+                       help="identity and state directory (default $DXA_HOME or ~/.config/dxa)")
+    where.add_argument("--config", metavar="FILE", help="TOML config file (default $DXA_HOME/config.toml)")
+    common = argparse.ArgumentParser(add_help=False, parents=[where])
     common.add_argument("--ca", metavar="PEM", help="trust this CA bundle instead of $DXA_HOME/ca.pem")
     common.add_argument("--cert", metavar="PEM", help="our certificate instead of $DXA_HOME/node.pem")
     common.add_argument("--key", metavar="PEM", help="our private key instead of $DXA_HOME/node.key")
@@ -422,14 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto: zstd where a sample of the chunk shrinks (default); zstd: always; off: never")
     xfer.add_argument("--cipher", choices=("aes256gcm", "chacha20poly1305"),
                       help="AEAD for chunks (default aes256gcm; chacha20poly1305 for CPUs without AES-NI)")
-    xfer.add_argument("--no-encrypt", action="store_true",
+    xfer.add_argument("--no-encrypt", action="store_true", default=None,
                       help="send chunks in the clear (still authenticated and BLAKE3-verified)")
+    xfer.add_argument("--encrypt", dest="no_encrypt", action="store_false", default=None,
+                      help="encrypt even if the config file or DXA_NO_ENCRYPT says no_encrypt (the default)")
     xfer.add_argument("--rate", metavar="BITS",
                       help="pace the copy (push or pull) to this total rate in bits/s, e.g. 200M, 1.5G: one "
                            "token bucket across the connections plus kernel pacing per connection "
                            "(default: unlimited)")
-    xfer.add_argument("--fsync", action="store_true",
+    xfer.add_argument("--fsync", action=argparse.BooleanOptionalAction,
                       help="when pulling: fsync files before they take their final name (see dxa serve --fsync)")
+    xfer.add_argument("--ack-timeout", dest="ack_timeout", type=float, metavar="SECONDS",
+                      help="when pushing: a data connection that makes no progress for this long (no ACK, "
+                           "nothing written, nothing acknowledged by TCP) is given up, its chunks sent again on "
+                           "a new one (default 30; 0: never)")
     xfer.add_argument("--json", action="store_true", help="print one JSON object at the end")
     xfer.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
 
@@ -440,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", parents=[common], help="create a local CA and this node's certificate (if missing)",
+                       epilog=_keys_epilog("init"),
                        description="Create, if missing, a certificate authority (ca.pem, ca.key) and this node's key "
                                    "and certificate (node.pem, node.key) in $DXA_HOME. Processes sharing a $DXA_HOME "
                                    "trust each other; a node signed by another CA is refused. Copy ca.pem and a "
@@ -450,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print what was created as JSON")
     s.set_defaults(func=cmd_init)
 
-    s = sub.add_parser("serve", parents=[common], help="run the receiving daemon",
+    s = sub.add_parser("serve", parents=[common], help="run the receiving daemon", epilog=_keys_epilog("serve"),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve transfers on one TCP port (TLS 1.3 control connection, plain-TCP data "
                                    "connections carrying sealed chunks). Writes only under --root. Logs each "
@@ -459,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", metavar="DIR", help="directory to serve; nothing is written outside it")
     s.add_argument("--state-dir", dest="state_dir", metavar="DIR", help="resume journal location (default ROOT/.dxa)")
     s.add_argument("--port-file", metavar="FILE", help="write the bound port here once listening (useful with :0)")
-    s.add_argument("--fsync", action="store_true", default=None,
+    s.add_argument("--fsync", action=argparse.BooleanOptionalAction,
                    help="make every finished file and every journaled chunk survive power loss (fsync before "
                         "rename, fdatasync before journaling); costs disk-speed writes. Without it a killed "
                         "daemon still loses nothing and resumed chunks are re-verified from disk")
@@ -480,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("cp", parents=[common, xfer], help="copy files to or from a dxa daemon",
+                       epilog=_keys_epilog("cp"),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Copy files and trees (-r) to a daemon (push) or from one (pull):\n"
                                    "  dxa cp -r ./data dxa://HOST:PORT/datasets/x   ./data becomes datasets/x\n"
@@ -493,14 +548,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH",
                    help="one or more sources, then the destination; exactly one side is a dxa://HOST:PORT/path URL")
     s.add_argument("-r", "--recursive", action="store_true", help="copy directories recursively")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    s.add_argument("--no-progress", action="store_true", default=None, help="no progress bar even on a terminal")
+    s.add_argument("--progress", dest="no_progress", action="store_false", default=None,
+                   help="a progress bar on a terminal even if the config file says no_progress")
     s.set_defaults(func=cmd_cp)
 
     s = sub.add_parser("bench", parents=[common, xfer], help="memory-to-memory throughput through the data path",
+                       epilog=_keys_epilog("bench"),
                        description="Like iperf3, but through dxa's data path: chunks are hashed, sealed, sent on N "
                                    "streams, opened and verified by the daemon, then discarded.")
     s.add_argument("url", metavar="dxa://HOST:PORT", help="a running dxa serve")
-    s.add_argument("--seconds", "-t", type=float, default=10.0, help="test duration (default 10)")
+    s.add_argument("--seconds", "-t", type=float, help="test duration (default 10)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("controller", help="the bandwidth scheduler: dxa controller serve",
@@ -519,20 +577,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "(agents get a fresh lease) and re-applies the topology. Leases, windows and deadlines\n"
                     "are checked in the background. Stops on SIGTERM/SIGINT.",
         epilog="example:\n"
-               "  dxa controller serve --listen 0.0.0.0:7500 --topology topology.toml --state /var/lib/dxa/ledger.db\n\n"
+               "  dxa controller serve --listen 0.0.0.0:7500 --topology topology.toml --state /var/lib/dxa/ledger.db\n"
+               "  (or listen, topology, state, admins = [...] in [controller] of the config file)\n\n"
                "exit status:\n"
                "  0 stopped by SIGTERM/SIGINT    2 bad usage, topology or identity\n"
                "  4 cannot listen on the address 5 the state file cannot be read or written")
-    s.add_argument("--listen", metavar="HOST:PORT", required=True,
-                   help="address to listen on; port 0 picks a free one (see --port-file)")
-    s.add_argument("--topology", metavar="FILE", required=True,
-                   help="sites and backbone links in TOML (controller_stub/topology.example.toml)")
-    s.add_argument("--state", metavar="FILE", required=True,
-                   help="SQLite file holding agents and reservations (created if missing)")
+    s.add_argument("--listen", metavar="HOST:PORT",
+                   help="address to listen on; port 0 picks a free one (see --port-file); required")
+    s.add_argument("--topology", metavar="FILE",
+                   help="sites and backbone links in TOML (controller_stub/topology.example.toml); required")
+    s.add_argument("--state", metavar="FILE",
+                   help="SQLite file holding agents and reservations (created if missing); required")
     s.add_argument("--port-file", metavar="FILE", help="write the bound port here once listening (useful with :0)")
-    s.add_argument("--lease-timeout", dest="lease_timeout", type=float, default=30.0, metavar="SECONDS",
+    s.add_argument("--lease-timeout", dest="lease_timeout", type=float, metavar="SECONDS",
                    help="an agent that does not heartbeat for this long loses its reservations (default 30)")
+    s.add_argument("--admin", dest="admins", action="append", metavar="NAME",
+                   help="a node name (certificate CN) allowed every scheduler call on any agent's behalf, "
+                        "e.g. an operator's; repeat for several (replaces admins = [...] of the config file)")
     s.set_defaults(func=cmd_controller_serve)
+
+    from agent.cli.settings import SECTIONS
+
+    s = sub.add_parser("config", parents=[where], help="show the effective settings and where each comes from",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Check the config file ($DXA_HOME/config.toml or --config) and print every "
+                                   "setting of the\ngiven sections (default: all) with its value and where it comes "
+                                   "from: the file,\nthe environment (DXA_*) or the default. Flags of a command win "
+                                   "over all of these.\nExit status 2 if the file has an unknown section or key or "
+                                   "a value of the wrong type.")
+    s.add_argument("sections", nargs="*", metavar="SECTION",  # no choices=: argparse refuses an empty list then
+                   help=f"one of {', '.join(SECTIONS)} (identity: --ca/--cert/--key of every command)")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_config)
 
     from agent.cli.transfers import (
         add_commands as _add_transfer_commands,  # dxa submit/status/watch/cancel/rate
