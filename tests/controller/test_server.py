@@ -24,6 +24,7 @@ from controller_stub.ledger import LedgerConfig, Outcome, ReservationRequest, St
 from controller_stub.server import ControllerServer
 from controller_stub.store import LedgerStore
 from controller_stub.topology import load_topology
+from tests.conftest import expired_identity
 
 REPO = Path(__file__).resolve().parents[2]
 TOPOLOGY = REPO / "controller_stub" / "topology.example.toml"
@@ -281,36 +282,9 @@ def test_a_second_server_cannot_share_the_port(pki, tmp_path):
     asyncio.run(main())
 
 
-def _expired_identity(home: Path, out: Path):
-    """A certificate for "late" signed by ``home``'s CA that expired yesterday."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    ca_key = serialization.load_pem_private_key((home / "ca.key").read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate((home / "ca.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "late")]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(now - dt.timedelta(days=1))
-            .sign(ca_key, hashes.SHA256()))
-    out.mkdir()
-    (out / "node.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))
-    (out / "node.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out / "ca.pem").write_bytes((home / "ca.pem").read_bytes())
-    return load_identity(out)
-
-
 def test_an_expired_client_certificate_is_refused(pki, tmp_path):
     ident, _ = pki
-    late = _expired_identity(tmp_path / "sched", tmp_path / "late")
+    late = expired_identity(tmp_path / "sched", tmp_path / "late")
 
     async def main():
         async with _server(ident, tmp_path / "ledger.db") as server, _client(server, late) as c:

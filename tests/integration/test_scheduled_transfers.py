@@ -534,3 +534,20 @@ def test_a_running_job_continues_while_the_scheduler_restarts_and_resyncs_after(
     assert t.state is JobState.DONE and t.reservation_id == rid, t
     assert s.reservations()[rid].state is State.DONE  # released into the restarted scheduler
     assert src.read_bytes() == (s.b.root / "r.bin").read_bytes()
+
+
+def test_a_job_to_an_agent_the_scheduler_does_not_know_fails_with_the_reason(small):
+    s = small
+    gamma = InProcessServer(s.tmp / "root-g", issue_cert(s.tmp / "sched", "gamma", s.tmp / "gamma-home"))
+    try:
+        (s.a.root / "u.bin").write_bytes(os.urandom(10_000))
+
+        async def go():
+            t = s.manager.submit(TransferSpec("u.bin", gamma.url("u.bin"), rate_bps=M))
+            return await s.manager.wait(t.id)
+
+        t = s.on_a(go())
+        assert t.state is JobState.FAILED and "NOT_FOUND" in t.error and "gamma" in t.error, t
+        assert "refused" in t.error and t.reservation_id == "" and not (gamma.root / "u.bin").exists()
+    finally:
+        gamma.close()

@@ -215,6 +215,22 @@ def test_client_from_a_foreign_ca_is_refused(agents, tmp_path):
     assert agents.manager.list() == [] and not (agents.b.root / "stolen.bin").exists()
 
 
+def test_client_with_an_expired_certificate_is_refused(agents, home, tmp_path):
+    from tests.conftest import expired_identity
+
+    late = expired_identity(home, tmp_path / "late")  # signed by the agents' own CA, but expired
+    (agents.a.root / "f.bin").write_bytes(b"x" * 1000)
+
+    async def go():
+        async with Client(agents.target, late, timeout=5) as c:
+            await c.submit("f.bin", agents.dest("late.bin"))
+
+    with pytest.raises(TransferServiceError) as ei:
+        run(go())
+    assert ei.value.code is grpc.StatusCode.UNAVAILABLE
+    assert agents.manager.list() == [] and not (agents.b.root / "late.bin").exists()
+
+
 def test_cli_serve_grpc_submit_status_rate_cancel(tmp_path, home, daemon_factory):
     """dxa serve --grpc on agent A, dxa submit/status/rate/cancel against it, pushing to agent B."""
     import json
