@@ -79,8 +79,17 @@ class TransferOptions:
     """Pace the transfer to this many bits per second of wire payload in total, push or
     pull (an aggregate token bucket across the data connections plus SO_MAX_PACING_RATE
     per socket, see agent/aio/pacing.py); 0 = as fast as possible."""
+    ack_timeout: float = 30.0
+    """Push (we send): seconds a data connection may hold un-acknowledged chunks with no
+    progress at all (no ACK, no frame written, no byte acknowledged by TCP) before it is
+    given up as lost: closed, its chunks sent again, re-joined; 0 = never.  Catches a
+    connection that stays open and delivers nothing (a black-holing middlebox, a stuck
+    peer), which TCP keepalive and TCP_USER_TIMEOUT do not.  A pull's sender is the
+    server, which uses the default (docs/PROTOCOL.md §5)."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.ack_timeout) and self.ack_timeout >= 0):
+            raise ConfigError("ack_timeout must be a finite number of seconds >= 0 (0 = off)")
         if self.rate < 0 or (self.rate and self.rate < 8000 * self.streams):
             raise ConfigError("rate must be 0 (unlimited) or at least 8 kbit/s per stream")
         if not 1 <= self.streams <= MAX_STREAMS:

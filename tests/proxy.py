@@ -3,16 +3,58 @@
 Every accepted connection gets an index; a connection whose first bytes are ``DX`` is a
 data connection (the control connection starts with a TLS ClientHello).  ``mangle`` sees
 the client->server bytes of each data connection with their stream offset and returns
-the bytes to forward, or ``None`` to cut the connection (both directions) right there.
+what to do with them:
+
+* ``bytes``: forward these (the same bytes, or altered ones);
+* ``None``: cut the connection (both directions) right there: both sides see it close;
+* a ``Swallow``: forward ``Swallow.forward``, then stop forwarding that connection in
+  both directions for good.  What the client sends after that is read (so its writes
+  complete, as if the peer had received them) and dropped; nothing comes back from the
+  server.  With ``close_after`` set, both sides are closed once the client has written
+  nothing for that many seconds: the sender has finished writing and waits, idle, for
+  ACKs that will never come, and the connection dies under it (``swallow_after``).
+  Without it the connection stays open until one end closes it: a black hole
+  (``black_hole_after``).
+
+``mangle`` is not called again for a connection it cut or swallowed.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-Mangle = Callable[[int, int, bytes], "bytes | None"]  # (data-conn index, offset, chunk) -> bytes | None
+
+@dataclass(frozen=True)
+class Swallow:
+    """Stop forwarding a data connection (see the module docstring)."""
+
+    close_after: float | None = None
+    """Close both sides after the client has been quiet this long; None: never (a black hole)."""
+    forward: bytes = b""
+    """Bytes of the current piece still forwarded before the swallowing starts."""
+
+
+Mangle = Callable[[int, int, bytes], "bytes | None | Swallow"]  # (data-conn index, offset, chunk)
+
+
+class _Link:
+    """The state both directions of one proxied connection share."""
+
+    def __init__(self, client: socket.socket, server: socket.socket) -> None:
+        self.client, self.server = client, server
+        self.swallowing = False
+        self.last_from_client = time.monotonic()
+
+    def shut(self) -> None:
+        for s in (self.client, self.server):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class Proxy:
@@ -21,6 +63,9 @@ class Proxy:
         self.mangle = mangle
         self.data_conns = 0
         self.cuts = 0
+        self.swallowed = 0  # data connections swallowed
+        self.swallowed_bytes = 0  # client bytes read and dropped by them
+        self.closed_quiet = 0  # swallowed connections closed after the client went quiet
         self._lock = threading.Lock()
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self.port = self._lsock.getsockname()[1]
@@ -48,38 +93,68 @@ class Proxy:
                 continue
             with self._lock:
                 self._socks += [c, u]
-            threading.Thread(target=self._pump, args=(c, u, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(u, c, False), daemon=True).start()
+            link = _Link(c, u)
+            threading.Thread(target=self._pump, args=(link, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(link, False), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+    def _pump(self, link: _Link, upstream: bool) -> None:
+        src, dst = (link.client, link.server) if upstream else (link.server, link.client)
         index, offset = None, 0
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                if upstream and offset == 0 and data[:2] == b"DX":
+                if not upstream:
+                    if not link.swallowing:
+                        dst.sendall(data)
+                    continue
+                link.last_from_client = time.monotonic()
+                if link.swallowing:
+                    with self._lock:
+                        self.swallowed_bytes += len(data)
+                    continue
+                if offset == 0 and data[:2] == b"DX":
                     with self._lock:
                         index = self.data_conns
                         self.data_conns += 1
-                if upstream and index is not None and self.mangle is not None:
+                if index is not None and self.mangle is not None:
                     out = self.mangle(index, offset, data)
                     offset += len(data)
                     if out is None:
                         with self._lock:
                             self.cuts += 1
                         break
-                    data = out
+                    if isinstance(out, Swallow):
+                        self._swallow(link, out, len(data) - len(out.forward))
+                        data = out.forward
+                    else:
+                        data = out
                 else:
                     offset += len(data)
-                dst.sendall(data)
+                if data:
+                    dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        link.shut()
+
+    def _swallow(self, link: _Link, how: Swallow, dropped: int) -> None:
+        link.swallowing = True
+        with self._lock:
+            self.swallowed += 1
+            self.swallowed_bytes += dropped
+        if how.close_after is not None:
+            threading.Thread(target=self._close_when_quiet, args=(link, how.close_after), daemon=True).start()
+
+    def _close_when_quiet(self, link: _Link, quiet: float) -> None:
+        while not self._closed:
+            idle = time.monotonic() - link.last_from_client
+            if idle >= quiet:
+                with self._lock:
+                    self.closed_quiet += 1
+                link.shut()
+                return
+            time.sleep(quiet - idle)
 
     def sever(self) -> None:
         """The path goes down: every connection is cut and new ones are refused."""
@@ -137,3 +212,28 @@ def cut_after(limit: int, *, conn: int = 0) -> Mangle:
         return data
 
     return mangle
+
+
+def _swallowing(limit: int, conn: int, close_after: float | None) -> Mangle:
+    def mangle(index: int, offset: int, data: bytes) -> bytes | Swallow:
+        if index == conn and offset + len(data) > limit:
+            return Swallow(close_after, data[: max(0, limit - offset)])
+        return data
+
+    return mangle
+
+
+def swallow_after(limit: int, *, conn: int = 0, close_after: float = 0.5) -> Mangle:
+    """Data connection ``conn`` delivers its first ``limit`` bytes, then swallows the rest
+    (nothing more reaches the server, nothing comes back) and, once the client has written
+    nothing for ``close_after`` seconds, closes both sides.  The sender has then written
+    its last frames and sits idle waiting for their ACKs when the connection dies: only an
+    idle sender that watches its socket notices."""
+    return _swallowing(limit, conn, close_after)
+
+
+def black_hole_after(limit: int, *, conn: int = 0) -> Mangle:
+    """Data connection ``conn`` delivers its first ``limit`` bytes, then forwards nothing
+    either way while staying open (TCP still accepts what the client writes): only a
+    timeout on the missing ACKs notices."""
+    return _swallowing(limit, conn, None)

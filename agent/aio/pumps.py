@@ -13,6 +13,7 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 from typing import Callable
 
@@ -31,7 +32,8 @@ from agent.wire import (
     decode_message,
 )
 
-__all__ = ["SendPump", "ReceivePump", "recv_exactly", "SourceReader", "SourceChanged", "set_pacing"]
+__all__ = ["SendPump", "ReceivePump", "recv_exactly", "SourceReader", "SourceChanged", "set_pacing",
+           "tcp_bytes_acked"]
 
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 
@@ -54,6 +56,26 @@ def recv_exactly(sock: socket.socket, n: int, buf: bytearray | None = None) -> b
             raise ConnectionResetError("connection closed in the middle of a frame")
         got += k
     return out
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_BYTES_ACKED = struct.Struct("=Q")
+_BYTES_ACKED_AT = 120  # struct tcp_info.tcpi_bytes_acked (Linux >= 4.1)
+
+
+def tcp_bytes_acked(sock: socket.socket) -> int | None:
+    """Bytes of ours the peer's TCP has acknowledged (tcpi_bytes_acked); None where unknown.
+
+    One getsockopt: for a periodic check, never per chunk."""
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _BYTES_ACKED_AT + _BYTES_ACKED.size)
+    except (OSError, ValueError):
+        return None
+    if len(info) < _BYTES_ACKED_AT + _BYTES_ACKED.size:
+        return None
+    return _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)[0]
 
 
 IDLE_CHECK = 1.0  # seconds an idle send pump waits before checking its connection

@@ -16,8 +16,9 @@ from typing import Awaitable, Callable
 
 from agent.aio.control import ControlChannel
 from agent.aio.pacing import SharedPacer
-from agent.aio.pumps import ReceivePump, SendPump, SourceReader
+from agent.aio.pumps import ReceivePump, SendPump, SourceReader, tcp_bytes_acked
 from agent.core import ChunkRetried, FileCompleted, FileFailed, ReceiverCore, SenderCore
+from agent.core.sender import StreamStalled
 from agent.errors import BrokenConnectionError, DxaError, IntegrityError, TransferError
 from agent.store.receiving import ReceiverStore
 from agent.wire import Done, ErrorMsg, FileEnd, Manifest, Opener, Sealer
@@ -154,6 +155,7 @@ class SenderSession(_Driver):
         self.sealer = sealer
         self.compress = compress
         self.pumps: dict[int, SendPump] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self.progress.bytes_total = core.bytes_total
         self.progress.files_total = files_total
         self.stats.bytes_total = core.bytes_total
@@ -217,10 +219,29 @@ class SenderSession(_Driver):
         elif kind == "source_failed":
             self.core.source_failed(job.file_id, arg)
         elif kind == "broken":
-            del self.pumps[pump.stream]
-            self._retire(pump, arg)
-            self._stream_lost(pump.stream, arg)
+            self._lose(pump, arg)
         self._pump()
+
+    def _lose(self, pump: SendPump, reason: str) -> None:
+        """A data connection is gone (broken, or stalled and closed by us): requeue, re-join."""
+        del self.pumps[pump.stream]
+        self._retire(pump, reason)
+        self._stream_lost(pump.stream, reason)
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.get_timer()
+        if deadline is not None and self._timer is None and not self._done.done():
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        # the ACK-timeout watch: one check every ack_timeout/4, whatever the chunk rate;
+        # the transport token lets a slow but moving connection count as alive
+        self._timer = None
+        if self._done.done():
+            return
+        self.core.handle_timer(self.loop.time(), {s: tcp_bytes_acked(p.sock) for s, p in self.pumps.items()})
+        self._pump()
+        self._arm_timer()
 
     def _pump(self) -> None:
         core = self.core
@@ -234,8 +255,14 @@ class SenderSession(_Driver):
         if self.pacer.rate_bps:
             self.pacer.set_busy([p.sock for p in self.pumps.values() if p.queued])
         self._flush(core)
+        lost = False
         while (ev := core.next_event()) is not None:
-            if isinstance(ev, FileCompleted):
+            if isinstance(ev, StreamStalled):
+                pump = self.pumps.get(ev.stream)
+                if pump is not None:
+                    lost = True
+                    self._lose(pump, f"no acknowledgement for {ev.seconds:.1f} s with chunks outstanding")
+            elif isinstance(ev, FileCompleted):
                 self.reader.release(ev.file_id)
                 self.progress.files_done += 1
             elif isinstance(ev, FileFailed):
@@ -247,6 +274,8 @@ class SenderSession(_Driver):
         self.progress.bytes_done = core.bytes_acked + core.bytes_skipped
         if core.finished and not self._done.done():
             self._done.set_result(None)
+        elif lost:
+            self._pump()  # hand the requeued chunks to the connections that are left
 
     def _handle(self, msg) -> None:
         self.core.receive(msg)
@@ -254,11 +283,14 @@ class SenderSession(_Driver):
 
     async def run(self) -> SessionStats:
         self._pump()
+        self._arm_timer()
         self._spawn(self._read_control(self._handle))
         try:
             await self._done
             await self.ctrl.drain()
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             for pump in self.pumps.values():
                 pump.stop()
             self.pacer.release()
@@ -325,6 +357,10 @@ class ReceiverSession(_Driver):
                     del self.pumps[pump.stream]
                     if kind == "broken":
                         self._stream_lost(pump.stream, str(arg))
+                    elif self._reconnect is not None:
+                        # a sender closes a data connection before the end only when it
+                        # gave it up (no ACKs came back): join again, as after a break
+                        self._stream_lost(pump.stream, "closed by the sender")
                 if kind == "broken" and isinstance(arg, IntegrityError):
                     raise arg
         except DxaError as exc:

@@ -4,11 +4,18 @@ Feed it the receiver's control messages and the outcome of each chunk job; it sa
 which control messages to send, which chunk jobs to run next, and what happened.
 Rules: it never touches a socket, a file or a clock; a chunk counts as delivered
 only when the receiver ACKs it, and a file only when the receiver says FILE_DONE ok.
+
+A data connection whose chunks stop being acknowledged while it stays open (a black
+hole) is found by ``handle_timer``: the adapter calls it when ``get_timer`` says, with
+``now`` and, per stream, a token of the transport's own progress; the core compares
+snapshots, so the hot path (``next_job``, ``sent``, ACKs) never needs the clock.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from agent._native import ChunkMap
 from agent.core._events import ChunkJob, ChunkRetried, FileCompleted, FileFailed, TransferCompleted
@@ -30,9 +37,19 @@ from agent.wire import (
     Summary,
 )
 
-__all__ = ["SenderCore"]
+__all__ = ["SenderCore", "StreamStalled"]
 
 MAX_CHUNK_ATTEMPTS = 8
+STALL_CHECKS = 4  # snapshots per ack_timeout: a stall is reported within 1.25 x ack_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStalled:
+    """``stream`` held un-ACKed chunks and made no progress for ``seconds``: treat it as lost
+    (close it, then ``stream_lost``)."""
+
+    stream: int
+    seconds: float
 
 
 class _File:
@@ -50,7 +67,8 @@ class _File:
 
 
 class SenderCore:
-    def __init__(self, entries: list[ManifestEntry], *, batch: int = 1024, max_inflight_bytes: int = 512 << 20) -> None:
+    def __init__(self, entries: list[ManifestEntry], *, batch: int = 1024, max_inflight_bytes: int = 512 << 20,
+                 ack_timeout: float = 30.0) -> None:
         self._files = {e.file_id: _File(e) for e in entries}
         self._order = [e.file_id for e in entries]
         self._batch = batch
@@ -60,6 +78,10 @@ class SenderCore:
         self._jobs: deque[ChunkJob] = deque()
         self._inflight: dict[int, dict[tuple[int, int], int]] = {}
         self._inflight_bytes = 0
+        # stall watch: ack_timeout 0 = off; per stream (progress mark, when it last changed)
+        self._ack_timeout = ack_timeout
+        self._next_check = 0.0
+        self._watch: dict[int, tuple[tuple, float]] = {}
         self._pending_files = len(entries)
         self._done_sent = False
         self.finished = False
@@ -98,6 +120,38 @@ class SenderCore:
             self._inflight.setdefault(stream, {})[(job.file_id, job.chunk)] = job.length
             self._inflight_bytes += job.length
         return job
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` wants to run next (loop time); None: never (watch off)."""
+        return self._next_check if self._ack_timeout > 0 and not self.finished else None
+
+    def handle_timer(self, now: float, transport: Mapping[int, object] | None = None) -> None:
+        """Look for stalled streams; each one found becomes a ``StreamStalled`` event.
+
+        A stream is stalled when it has chunks outstanding (handed to it and not ACKed or
+        NAKed) and, for ``ack_timeout`` seconds, none of them was acknowledged, no new one
+        was handed to it (its pump finished no frame) and its ``transport`` token did not
+        change.  The token is whatever shows the connection itself moving bytes (the
+        adapter passes the bytes the peer's TCP acknowledged): a slow link that takes
+        longer than ``ack_timeout`` to carry one chunk is not a stall.  Snapshots are
+        taken every ``ack_timeout / 4``, so a stall is reported between 1 and 1.25 times
+        ``ack_timeout`` after the last progress, never earlier."""
+        if self._ack_timeout <= 0:
+            return
+        self._next_check = now + self._ack_timeout / STALL_CHECKS
+        tokens = transport or {}
+        for stream in [s for s in self._watch if not self._inflight.get(s)]:
+            del self._watch[stream]
+        for stream, chunks in self._inflight.items():
+            if not chunks:
+                continue
+            mark = (next(iter(chunks)), next(reversed(chunks)), len(chunks), tokens.get(stream))
+            seen = self._watch.get(stream)
+            if seen is None or seen[0] != mark:
+                self._watch[stream] = (mark, now)
+            elif now - seen[1] >= self._ack_timeout:
+                self._watch[stream] = (mark, now)  # reported once per ack_timeout, not at every check
+                self._events.append(StreamStalled(stream, now - seen[1]))
 
     @property
     def has_jobs(self) -> bool:
@@ -202,6 +256,7 @@ class SenderCore:
     def stream_lost(self, stream: int) -> None:
         """Every chunk sent on ``stream`` and not yet ACKed is queued again."""
         lost = self._inflight.pop(stream, {})
+        self._watch.pop(stream, None)
         for (fid, chunk), length in lost.items():
             self._inflight_bytes -= length
             f = self._files[fid]

@@ -22,7 +22,7 @@ from agent.config import TransferOptions
 from agent.errors import AuthenticationError, BrokenConnectionError, DiskFullError, IntegrityError, TransferError
 from agent.store.pki import init_home, load_identity
 from tests.conftest import REPO, dxa, make_tree, same_tree
-from tests.proxy import Proxy, corrupt_every, cut_after, flip_at
+from tests.proxy import Proxy, black_hole_after, corrupt_every, cut_after, flip_at, swallow_after
 
 OPTS = TransferOptions.for_test(recursive=True)
 
@@ -84,6 +84,53 @@ def test_a_cut_data_connection_is_reopened_and_the_copy_completes(tmp_path, serv
     assert proxy.cuts >= 1
     assert res.verified and res.streams_reconnected >= 1
     assert same_tree(src, server.root / "d")
+
+
+FRAME_64K = 8 + 84 + (64 << 10) + 16  # one sealed 64 KiB chunk of incompressible data on the wire
+
+
+def _copy_within(seconds: float, *args, **kw):
+    """copy(), failed (not hung) if it takes longer: this must pass with or without pytest-timeout."""
+    return run(asyncio.wait_for(copy(*args, **kw), seconds))
+
+
+def test_a_connection_that_dies_while_its_sender_waits_idle_for_acks_is_noticed(tmp_path, server, identity,
+                                                                                proxy_factory):
+    # The tail of what connection 0 carries is swallowed, then the proxy closes it once
+    # the sender has been quiet for 0.5 s: the pump has written everything and waits for
+    # ACKs.  Only its idle check (pumps.IDLE_CHECK) notices; the ACK timeout is set far
+    # beyond the deadline so that it cannot be what rescues the copy.
+    src = _big(tmp_path, 4 << 20)
+    proxy = proxy_factory(server.port, swallow_after(300_000, conn=0, close_after=0.5))
+    opts = TransferOptions.for_test(recursive=True, compress="off", ack_timeout=120)
+    res = _copy_within(20, [str(src)], proxy.url("d"), identity=identity, options=opts)
+    assert proxy.swallowed == 1 and proxy.closed_quiet == 1
+    assert proxy.swallowed_bytes >= FRAME_64K
+    assert res.verified and res.streams_reconnected >= 1
+    assert res.chunks_retried >= proxy.swallowed_bytes // FRAME_64K  # every swallowed chunk was sent again
+    assert same_tree(src, server.root / "d")
+
+
+def test_a_black_holed_connection_is_given_up_after_the_ack_timeout(tmp_path, server, identity, proxy_factory):
+    # Connection 0 stays open but delivers nothing either way after 300 kB: no close, no
+    # error, TCP on the sender's side is content.  Only the ACK timeout can notice.
+    src = _big(tmp_path, 4 << 20)
+    proxy = proxy_factory(server.port, black_hole_after(300_000, conn=0))
+    opts = TransferOptions.for_test(recursive=True, compress="off", ack_timeout=1.0)
+    t0 = time.monotonic()
+    res = _copy_within(20, [str(src)], proxy.url("d"), identity=identity, options=opts)
+    assert proxy.swallowed == 1 and proxy.closed_quiet == 0 and proxy.swallowed_bytes >= FRAME_64K
+    assert res.verified and res.streams_reconnected >= 1
+    assert res.chunks_retried >= proxy.swallowed_bytes // FRAME_64K
+    assert same_tree(src, server.root / "d")
+    assert time.monotonic() - t0 >= 1.0  # it took the timeout: nothing else gave the connection away
+
+
+def test_ack_timeout_must_be_a_sane_number():
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            TransferOptions(ack_timeout=bad)
+    assert TransferOptions().ack_timeout == 30.0 and TransferOptions(ack_timeout=0).ack_timeout == 0
 
 
 # -- hostile bytes at the daemon ---------------------------------------------------------

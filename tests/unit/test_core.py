@@ -11,6 +11,7 @@ import random
 import pytest
 
 from agent.core import FileCompleted, FileFailed, FinalizeFile, ReceiverCore, SenderCore
+from agent.core.sender import StreamStalled
 from agent.errors import IntegrityError, RemoteProtocolError
 from agent.wire import (
     ACTION_RESUME,
@@ -281,3 +282,115 @@ def test_ack_overtaking_the_pump_report_does_not_end_the_file_early():
     h.sender.sent(j1, chunk_digest(bytes(CS)))
     ends = [m for m in h.sender.control_to_send() if isinstance(m, FileEnd)]
     assert len(ends) == 1 and ends[0].digests == chunk_digest(bytes(CS)) * 2
+
+
+# -- the ACK-timeout watch: injected time, no clock --------------------------------------
+def _planned(ack_timeout: float, chunks: int = 6) -> SenderCore:
+    e = ManifestEntry(0, "f", "f", chunks * CS, 0o644, 1, CS)
+    s = SenderCore([e], ack_timeout=ack_timeout)
+    s.control_to_send()
+    s.receive(Plan([PlanEntry(0, ACTION_SEND)]))
+    return s
+
+
+def _stalls(s: SenderCore) -> list:
+    out = []
+    while (ev := s.next_event()) is not None:
+        if isinstance(ev, StreamStalled):
+            out.append(ev)
+    return out
+
+
+def _tick_until(s: SenderCore, until: float, transport=None) -> list:
+    """Run the timer as the adapter does: at each get_timer() deadline up to ``until``."""
+    found = []
+    while (t := s.get_timer()) is not None and t <= until:
+        s.handle_timer(t, transport(t) if transport else None)
+        found += [(t, ev) for ev in _stalls(s)]
+    return found
+
+
+def test_a_stream_whose_chunks_are_never_acked_is_reported_after_ack_timeout_not_before():
+    s = _planned(ack_timeout=10.0)
+    j0, j1, j2 = s.next_job(0), s.next_job(0), s.next_job(1)
+    for j in (j0, j1, j2):
+        s.sent(j, chunk_digest(bytes(CS)))
+    assert s.get_timer() == 0.0  # first snapshot at once
+    s.receive(Ack([(0, j2.chunk)]))  # stream 1 is answered; stream 0 never is
+    assert _tick_until(s, 9.99) == []
+    [(t, ev)] = _tick_until(s, 10.0)
+    assert t == 10.0 and ev == StreamStalled(0, 10.0)
+    s.stream_lost(0)  # what the adapter does: close it, requeue its chunks
+    assert s.chunks_retried == 2
+    assert {s.next_job(1).chunk, s.next_job(1).chunk} == {j0.chunk, j1.chunk}
+    assert _tick_until(s, 15.0) == []  # stream 1's new chunks start a fresh watch
+
+
+def test_progress_of_any_kind_restarts_the_clock():
+    s = _planned(ack_timeout=10.0)
+    j0, j1 = s.next_job(0), s.next_job(0)
+    s.sent(j0, chunk_digest(bytes(CS)))
+    assert _tick_until(s, 5.0) == []
+    s.receive(Ack([(0, j0.chunk)]))  # an ACK at t=5
+    assert _tick_until(s, 14.9) == []
+    j2 = s.next_job(0)  # a frame finished and the pump got the next chunk at t=15
+    assert j2 is not None
+    assert _tick_until(s, 24.9) == []
+    # the transport keeps moving bytes (a link slower than one chunk per ack_timeout)
+    assert _tick_until(s, 60.0, transport=lambda t: {0: int(t)}) == []
+    # ... until it does not
+    assert _tick_until(s, 79.9, transport=lambda t: {0: 60}) == [(70.0, StreamStalled(0, 10.0))]
+    assert j1 is not None
+
+
+def test_a_stream_with_nothing_outstanding_never_stalls_and_zero_turns_the_watch_off():
+    s = _planned(ack_timeout=1.0)
+    j = s.next_job(0)
+    s.sent(j, chunk_digest(bytes(CS)))
+    s.receive(Ack([(0, j.chunk)]))
+    assert _tick_until(s, 100.0) == []  # idle stream, nothing owed
+    off = _planned(ack_timeout=0)
+    off.next_job(0)
+    assert off.get_timer() is None
+    off.handle_timer(1e9)
+    assert _stalls(off) == []
+
+
+def test_a_black_holed_stream_is_found_by_the_timer_and_the_transfer_completes():
+    files = sample_files(6, seed=21)
+    h = Harness(files, seed=3)
+    h.sender = SenderCore(h.entries, max_inflight_bytes=8 * CS, ack_timeout=1.0)
+    holed = {0}  # stream 0 swallows every frame from the start; TCP would say nothing
+    deliver = h.deliver
+    sent_on: dict[tuple[int, int], int] = {}
+    next_job = h.sender.next_job
+
+    def job_for(stream):
+        job = next_job(stream)
+        if job is not None:
+            sent_on[(job.file_id, job.chunk)] = stream
+        return job
+
+    def maybe_deliver(frame):
+        hdr = decode_data_header(bytes(frame[:84]))
+        if sent_on.get((hdr.file_id, hdr.chunk)) not in holed:
+            deliver(frame)
+
+    h.sender.next_job = job_for
+    h.deliver = maybe_deliver
+    timer = h.receiver.handle_timer
+
+    def receiver_timer(now):
+        timer(now)
+        if (t := h.sender.get_timer()) is not None and t <= now:
+            h.sender.handle_timer(now)
+            for ev in _stalls(h.sender):
+                h.sender.stream_lost(ev.stream)
+                holed.discard(ev.stream)  # re-joined on a path that works
+
+    h.receiver.handle_timer = receiver_timer
+    h.run()
+    assert h.sender.finished and h.sender.files_ok == len(files)
+    assert h.sender.chunks_retried >= 1 and not holed
+    for i, data in h.data.items():
+        assert bytes(h.disk[i]) == data
