@@ -646,6 +646,7 @@ class JobManager:
         from controller_stub.ledger import ReservationRequest, State
 
         backoff, dest_name = 0.2, ""
+        request: ReservationRequest | None = None
         while True:
             try:
                 r = await link.reservation(t.reservation_id) if t.reservation_id else None
@@ -661,9 +662,10 @@ class JobManager:
                         request = ReservationRequest(
                             link.name, dest_name, volume_bytes=self._volume(t), priority=t.spec.priority,
                             not_before=t.spec.window_start, finish_by=t.spec.deadline, transfer_id=t.id)
-                    else:
+                    else:  # with a window end: off-peak mode, a window sized for the volume slides within it
                         request = ReservationRequest(
                             link.name, dest_name, rate_bps=t.spec.rate_bps, priority=t.spec.priority,
+                            volume_bytes=self._volume(t) if t.spec.window_end is not None else None,
                             not_before=t.spec.window_start, finish_by=t.spec.window_end, transfer_id=t.id)
                     decision = await link.client.request_reservation(request)
                     if decision.reservation is None:
@@ -695,7 +697,13 @@ class JobManager:
                              or exc.kind == "LeaseExpiredError"
                              or exc.kind == "UnknownAgentError" and link.name in exc.details)
                 if not transient:
-                    raise JobError(f"the scheduler refused the reservation: {exc}") from None
+                    need = ""
+                    if exc.kind == "DeadlineUnreachableError" and request is not None and request.volume_bytes:
+                        rate = request.rate_bps or 0
+                        need = (f" ({request.volume_bytes} bytes at {rate} bit/s need "
+                                f"{request.volume_bytes * 8 / rate:.1f} s)" if rate else
+                                f" ({request.volume_bytes} bytes)")
+                    raise JobError(f"the scheduler refused the reservation: {exc}{need}") from None
                 log.warning("transfer %s: scheduler: %s; retrying", t.id, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
@@ -720,13 +728,13 @@ class JobManager:
                     self.set_rate(t.id, r.rate_bps)
 
     def _volume(self, t: Transfer) -> int:
-        """Bytes a deadline job still has to move, plus 2 % and 1 MiB of headroom for framing and
-        start-up (the reservation's rate is this volume over the time left)."""
+        """Bytes a job with a deadline or a window end still has to move, plus 2 % and 128 KiB of
+        headroom for framing and start-up (the ledger sizes the reservation for it)."""
         if t.bytes_total:
             left = max(0, t.bytes_total - t.bytes_done)
         else:
             left = _tree_bytes(self._source_path(t.spec.source), t.spec.recursive)
-        return left + left // 50 + (1 << 20)
+        return left + left // 50 + (128 << 10)
 
     async def _release(self, t: Transfer, link: SchedulerLink) -> None:
         """Release the job's reservation with the job's outcome (retried while the scheduler is away)."""
