@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", "-t", type=float, help="test duration (default 10)")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("controller", help="the bandwidth scheduler: dxa controller serve",
+    s = sub.add_parser("controller", help="the bandwidth scheduler: dxa controller serve / list / rate / release",
                        description="The scheduler that agents register with and that grants, queues and releases "
                                    "reservations of bandwidth on their path (docs/CONTROL.md).")
     controller = s.add_subparsers(dest="controller_command", required=True, metavar="SUBCOMMAND")
@@ -595,6 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a node name (certificate CN) allowed every scheduler call on any agent's behalf, "
                         "e.g. an operator's; repeat for several (replaces admins = [...] of the config file)")
     s.set_defaults(func=cmd_controller_serve)
+    from agent.cli.controller import (
+        add_commands as _add_controller_commands,  # list / rate / release
+    )
+
+    _add_controller_commands(controller, common)
 
     from agent.cli.settings import SECTIONS
 

@@ -603,10 +603,10 @@ class JobManager:
 
     async def _run_scheduled(self, t: Transfer, run: _Running, link: SchedulerLink) -> None:
         """Reserve, then copy while following the reservation.  When the scheduler ends the
-        reservation under a running copy, the copy stops (its data stays resumable): at the
-        end of the job's window or deadline the job fails; otherwise (lease lost while the
-        scheduler was unreachable, preempted by a capacity cut) it waits for a new
-        reservation and resumes."""
+        reservation under a running copy, the copy stops (its data stays resumable): released
+        as cancelled (an operator) the job is cancelled; at the end of the job's window or
+        deadline it fails; otherwise (lease lost while the scheduler was unreachable,
+        preempted by a capacity cut) it waits for a new reservation and resumes."""
         loop = asyncio.get_running_loop()
         while True:
             await self._reserve(t, run, link)
@@ -623,6 +623,10 @@ class JobManager:
                 return
             r = following.result()
             reason = (r.reason or r.state.value) if r is not None else "unknown to the scheduler"
+            if r is not None and r.state.value == "cancelled":  # an operator cancelled it at the scheduler
+                self._set_state(t, JobState.CANCELLED, f"reservation {r.id} cancelled at the scheduler ({reason}); "
+                                                       f"the partial data is kept: submit again to resume")
+                return
             finish_by = t.spec.deadline if t.spec.deadline is not None else t.spec.window_end
             left = f"{t.bytes_done} of {t.bytes_total} bytes arrived" if t.bytes_total else "nothing arrived"
             if reason == "window ended" or finish_by is not None and time.time() >= finish_by:

@@ -563,3 +563,47 @@ def test_a_job_to_an_agent_the_scheduler_does_not_know_fails_with_the_reason(sma
         assert "refused" in t.error and t.reservation_id == "" and not (gamma.root / "u.bin").exists()
     finally:
         gamma.close()
+
+
+def test_an_operator_lists_rerates_and_cancels_reservations_with_the_cli(small):
+    import json
+
+    from tests.conftest import dxa
+
+    s = small
+    (s.a.root / "op.bin").write_bytes(os.urandom(2 << 20))  # 8 s at 2 Mbit/s
+    ops = s.tmp / "sched"  # the scheduler's own home: an --admin of this scheduler
+    gamma = s.tmp / "gamma-home"
+    issue_cert(s.tmp / "sched", "gamma", gamma)  # same CA, not a party, not an admin
+
+    async def until_transferring():
+        t = s.manager.submit(TransferSpec("op.bin", s.b.url("op.bin"), rate_bps=2 * M))
+        async for ev in s.manager.watch(t.id):
+            if isinstance(ev, StateChanged) and ev.new is JobState.TRANSFERRING:
+                return s.manager.get(t.id)
+
+    t = s.on_a(until_transferring())
+    rid = t.reservation_id
+    c = ("--controller", s.target)
+    r = dxa(ops, "controller", "list", *c, "--json", "--state", "transferring")
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    assert (row["id"], row["source"], row["destination"], row["rate_bps"]) == (rid, "alpha", "beta", 2 * M)
+    r = dxa(ops, "controller", "list", *c, "--agent", "beta")
+    assert r.returncode == 0 and rid in r.stdout and "transferring" in r.stdout and "2M" in r.stdout, r.stdout
+
+    r = dxa(ops, "controller", "rate", rid, "3M", *c)
+    assert r.returncode == 0 and "3M" in r.stdout, r.stderr
+    s.wait_for(lambda: s.manager.get(t.id).rate_bps == 3 * M, what="agent follows the new rate")
+    r = dxa(ops, "controller", "rate", rid, "60M", *c)
+    assert r.returncode == 2 and "above the capacity" in r.stderr, r.stderr
+    r = dxa(gamma, "controller", "rate", rid, "1M", *c)
+    assert r.returncode == 2 and "PERMISSION_DENIED" in r.stderr and "gamma" in r.stderr, r.stderr
+    r = dxa(ops, "controller", "list", "--controller", "127.0.0.1:1")
+    assert r.returncode == 4
+
+    r = dxa(ops, "controller", "release", rid, *c, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["reservation"]["state"] == "cancelled", r.stderr
+    t = s.on_a(s.manager.wait(t.id))
+    assert t.state is JobState.CANCELLED and "cancelled at the scheduler" in t.error, t
+    assert not (s.b.root / "op.bin").exists()
