@@ -3,20 +3,21 @@
 Every accepted connection gets an index; a connection whose first bytes are ``DX`` is a
 data connection (the control connection starts with a TLS ClientHello).  ``mangle`` sees
 the client->server bytes of each data connection with their stream offset and returns
-what to do with them:
+what to do with them (``mangle_down`` the same for server->client bytes, where a pull's
+chunks travel):
 
 * ``bytes``: forward these (the same bytes, or altered ones);
 * ``None``: cut the connection (both directions) right there: both sides see it close;
 * a ``Swallow``: forward ``Swallow.forward``, then stop forwarding that connection in
   both directions for good.  What the client sends after that is read (so its writes
   complete, as if the peer had received them) and dropped; nothing comes back from the
-  server.  With ``close_after`` set, both sides are closed once the client has written
-  nothing for that many seconds: the sender has finished writing and waits, idle, for
+  server.  With ``close_after`` set, both sides are closed once neither has written
+  anything for that many seconds: the sender has finished writing and waits, idle, for
   ACKs that will never come, and the connection dies under it (``swallow_after``).
   Without it the connection stays open until one end closes it: a black hole
   (``black_hole_after``).
 
-``mangle`` is not called again for a connection it cut or swallowed.
+Neither is called again for a connection cut or swallowed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Swallow:
     """Stop forwarding a data connection (see the module docstring)."""
 
     close_after: float | None = None
-    """Close both sides after the client has been quiet this long; None: never (a black hole)."""
+    """Close both sides after both have been quiet this long; None: never (a black hole)."""
     forward: bytes = b""
     """Bytes of the current piece still forwarded before the swallowing starts."""
 
@@ -46,8 +47,10 @@ class _Link:
 
     def __init__(self, client: socket.socket, server: socket.socket) -> None:
         self.client, self.server = client, server
+        self.index: int | None = None  # data connection number, set at its JOIN
         self.swallowing = False
-        self.last_from_client = time.monotonic()
+        self.swallowing_from_client = True  # which side's bytes the swallowing counts
+        self.last_heard = time.monotonic()
 
     def shut(self) -> None:
         for s in (self.client, self.server):
@@ -58,14 +61,15 @@ class _Link:
 
 
 class Proxy:
-    def __init__(self, upstream_port: int, mangle: Mangle | None = None) -> None:
+    def __init__(self, upstream_port: int, mangle: Mangle | None = None, mangle_down: Mangle | None = None) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.mangle = mangle
+        self.mangle_down = mangle_down
         self.data_conns = 0
         self.cuts = 0
         self.swallowed = 0  # data connections swallowed
-        self.swallowed_bytes = 0  # client bytes read and dropped by them
-        self.closed_quiet = 0  # swallowed connections closed after the client went quiet
+        self.swallowed_bytes = 0  # bytes read and dropped by them (from the side that was mangled)
+        self.closed_quiet = 0  # swallowed connections closed after both sides went quiet
         self._lock = threading.Lock()
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self.port = self._lsock.getsockname()[1]
@@ -99,34 +103,32 @@ class Proxy:
 
     def _pump(self, link: _Link, upstream: bool) -> None:
         src, dst = (link.client, link.server) if upstream else (link.server, link.client)
-        index, offset = None, 0
+        offset = 0
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                if not upstream:
-                    if not link.swallowing:
-                        dst.sendall(data)
-                    continue
-                link.last_from_client = time.monotonic()
+                link.last_heard = time.monotonic()
                 if link.swallowing:
-                    with self._lock:
-                        self.swallowed_bytes += len(data)
+                    if upstream == link.swallowing_from_client:
+                        with self._lock:
+                            self.swallowed_bytes += len(data)
                     continue
-                if offset == 0 and data[:2] == b"DX":
+                if upstream and offset == 0 and data[:2] == b"DX":
                     with self._lock:
-                        index = self.data_conns
+                        link.index = self.data_conns
                         self.data_conns += 1
-                if index is not None and self.mangle is not None:
-                    out = self.mangle(index, offset, data)
+                mangle = self.mangle if upstream else self.mangle_down
+                if link.index is not None and mangle is not None:
+                    out = mangle(link.index, offset, data)
                     offset += len(data)
                     if out is None:
                         with self._lock:
                             self.cuts += 1
                         break
                     if isinstance(out, Swallow):
-                        self._swallow(link, out, len(data) - len(out.forward))
+                        self._swallow(link, out, len(data) - len(out.forward), upstream)
                         data = out.forward
                     else:
                         data = out
@@ -138,7 +140,8 @@ class Proxy:
             pass
         link.shut()
 
-    def _swallow(self, link: _Link, how: Swallow, dropped: int) -> None:
+    def _swallow(self, link: _Link, how: Swallow, dropped: int, from_client: bool) -> None:
+        link.swallowing_from_client = from_client
         link.swallowing = True
         with self._lock:
             self.swallowed += 1
@@ -148,7 +151,7 @@ class Proxy:
 
     def _close_when_quiet(self, link: _Link, quiet: float) -> None:
         while not self._closed:
-            idle = time.monotonic() - link.last_from_client
+            idle = time.monotonic() - link.last_heard
             if idle >= quiet:
                 with self._lock:
                     self.closed_quiet += 1

@@ -21,6 +21,7 @@ from agent.aio.client import copy
 from agent.config import TransferOptions
 from agent.errors import AuthenticationError, BrokenConnectionError, DiskFullError, IntegrityError, TransferError
 from agent.store.pki import init_home, load_identity
+from agent.wire import FRAME_OVERHEAD, Joined, encode_message
 from tests.conftest import REPO, dxa, make_tree, same_tree
 from tests.proxy import Proxy, black_hole_after, corrupt_every, cut_after, flip_at, swallow_after
 
@@ -86,7 +87,7 @@ def test_a_cut_data_connection_is_reopened_and_the_copy_completes(tmp_path, serv
     assert same_tree(src, server.root / "d")
 
 
-FRAME_64K = 8 + 84 + (64 << 10) + 16  # one sealed 64 KiB chunk of incompressible data on the wire
+FRAME_64K = FRAME_OVERHEAD + (64 << 10)  # one sealed 64 KiB chunk, uncompressed, on the wire
 
 
 def _copy_within(seconds: float, *args, **kw):
@@ -124,6 +125,33 @@ def test_a_black_holed_connection_is_given_up_after_the_ack_timeout(tmp_path, se
     assert res.chunks_retried >= proxy.swallowed_bytes // FRAME_64K
     assert same_tree(src, server.root / "d")
     assert time.monotonic() - t0 >= 1.0  # it took the timeout: nothing else gave the connection away
+
+
+def test_a_pull_through_a_black_hole_recovers_when_the_server_gives_the_connection_up(tmp_path, server, identity,
+                                                                                      monkeypatch):
+    # A pull: the server sends.  Its one data connection goes silent exactly at a frame
+    # boundary, so when the server gives it up (ACK timeout, 1 s here; the server's
+    # default otherwise) the client sees a clean close, not a torn frame, and must join
+    # again by itself: with one stream there is no other connection to carry the chunks.
+    import functools
+
+    from agent.aio import server as server_mod
+    from agent.core import SenderCore
+
+    monkeypatch.setattr(server_mod, "SenderCore", functools.partial(SenderCore, ack_timeout=1.0))
+    data = os.urandom(2 << 20)
+    (server.root / "p").mkdir(parents=True)
+    (server.root / "p" / "big.bin").write_bytes(data)
+    joined = len(encode_message(Joined()))  # what the server sends before the first DATA frame
+    proxy = Proxy(server.port, mangle_down=black_hole_after(joined + 4 * FRAME_64K, conn=0))
+    try:
+        opts = TransferOptions.for_test(compress="off", streams=1)
+        res = _copy_within(20, [proxy.url("p/big.bin")], str(tmp_path / "got.bin"), identity=identity, options=opts)
+    finally:
+        proxy.close()
+    assert proxy.swallowed == 1 and proxy.swallowed_bytes >= FRAME_64K
+    assert res.verified and res.streams_reconnected >= 1
+    assert (tmp_path / "got.bin").read_bytes() == data
 
 
 def test_ack_timeout_must_be_a_sane_number():
