@@ -5,20 +5,20 @@ to ``dxa controller serve``.  They are thin wrappers over
 :class:`controller_stub.client.ControllerClient`; the scheduler decides who may do what
 (an agent for its own reservations, an ``--admin`` node for all of them).
 
-Exit status: 0 ok, 2 refused by the scheduler (unknown reservation, not allowed, no room
-for the rate, wrong state), 4 the scheduler cannot be reached or refused our certificate.
+Exit status: 0 ok, 1 another error of the scheduler, 2 refused by the scheduler (unknown
+reservation, not allowed, no room for the rate, wrong state), 4 the scheduler cannot be
+reached or refused our certificate.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import sys
 import time
 
-EXIT_OK, EXIT_USAGE, EXIT_NETWORK = 0, 2, 4
+EXIT_OK = 0
 
 
 def _target(args) -> str:
@@ -57,25 +57,14 @@ def _table(reservations) -> str:
 
 
 def _run(args, coro_fn) -> int:
-    import grpc
-
     from agent.cli.main import _identity
-    from controller_stub.client import ControllerClient, ControllerError
+    from agent.cli.transfers import run_grpc
+    from controller_stub.client import ControllerClient
 
     target = _target(args)
     identity = _identity(args)
-
-    async def main():
-        async with ControllerClient(target, identity, server_name=args.server_name, timeout=10) as c:
-            return await coro_fn(c)
-
-    try:
-        return asyncio.run(main())
-    except ControllerError as exc:
-        print(f"dxa: scheduler {target}: {exc}", file=sys.stderr)
-        if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return EXIT_NETWORK
-        return EXIT_USAGE
+    return run_grpc(f"scheduler {target}", lambda: ControllerClient(target, identity, server_name=args.server_name,
+                                                                     timeout=10), coro_fn)
 
 
 def cmd_list(args) -> int:
@@ -144,8 +133,9 @@ def add_commands(controller_sub, common: argparse.ArgumentParser) -> None:
     client.add_argument("--server-name", dest="server_name", metavar="NODE",
                         help="the node name in the scheduler's certificate, if it does not name HOST")
     client.add_argument("--json", action="store_true", help="print JSON")
-    epilog = ("exit status:\n  0 ok   2 refused by the scheduler (unknown reservation, not a party and not an "
-              "admin,\n         no room for the rate, wrong state)   4 the scheduler cannot be reached")
+    epilog = ("exit status:\n  0 ok   1 another error of the scheduler   4 the scheduler cannot be reached\n"
+              "  2 refused by the scheduler (unknown reservation, not a party and not an admin,\n"
+              "    no room for the rate, wrong state)")
 
     s = controller_sub.add_parser(
         "list", parents=[common, client], help="the scheduler's reservations",

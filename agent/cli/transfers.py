@@ -48,25 +48,32 @@ def _print(args, transfers, *, many: bool = False) -> None:
             print(_line(t))
 
 
-def _run(args, coro_fn) -> int:
-    from agent.service.client import TransferServiceError
+def run_grpc(where: str, make_client, coro_fn) -> int:
+    """Run ``coro_fn(client)`` with ``make_client()`` (an async context manager); a refused call
+    prints why and maps to an exit status (shared with agent/cli/controller.py)."""
+    import grpc
+
+    from agent.service.credentials import GrpcCallError
 
     async def main():
-        async with _client(args) as c:
+        async with make_client() as c:
             return await coro_fn(c)
 
     try:
         return asyncio.run(main())
-    except TransferServiceError as exc:
-        import grpc
-
-        print(f"dxa: {args.agent}: {exc}", file=sys.stderr)
+    except GrpcCallError as exc:
+        print(f"dxa: {where}: {exc}", file=sys.stderr)
         if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return EXIT_NETWORK
         if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                        grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        grpc.StatusCode.PERMISSION_DENIED):
             return EXIT_USAGE
         return EXIT_INCOMPLETE
+
+
+def _run(args, coro_fn) -> int:
+    return run_grpc(args.agent, lambda: _client(args), coro_fn)
 
 
 def _final_status(t) -> int:
