@@ -18,7 +18,7 @@ from agent.aio.control import ControlChannel
 from agent.aio.pacing import SharedPacer
 from agent.aio.pumps import ReceivePump, SendPump, SourceReader, tcp_bytes_acked
 from agent.core import ChunkRetried, FileCompleted, FileFailed, ReceiverCore, SenderCore
-from agent.core.sender import StreamStalled
+from agent.core import StreamStalled
 from agent.errors import BrokenConnectionError, DxaError, IntegrityError, TransferError
 from agent.store.receiving import ReceiverStore
 from agent.wire import Done, ErrorMsg, FileEnd, Manifest, Opener, Sealer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FileCompleted", "FileFailed", "ChunkRetried", "TransferCompleted", "ChunkJob"]
+__all__ = ["FileCompleted", "FileFailed", "ChunkRetried", "TransferCompleted", "ChunkJob", "StreamStalled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,3 +45,12 @@ class ChunkJob:
     length: int
     verify: bool = False
     claimed: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStalled:
+    """``stream`` held un-ACKed chunks and made no progress for ``seconds``: treat it as lost
+    (close it, then ``stream_lost``)."""
+
+    stream: int
+    seconds: float

@@ -15,10 +15,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from agent._native import ChunkMap
-from agent.core._events import ChunkJob, ChunkRetried, FileCompleted, FileFailed, TransferCompleted
+from agent.core._events import (
+    ChunkJob,
+    ChunkRetried,
+    FileCompleted,
+    FileFailed,
+    StreamStalled,
+    TransferCompleted,
+)
 from agent.errors import RemoteProtocolError
 from agent.wire import (
     ACTION_REFUSE,
@@ -37,19 +43,10 @@ from agent.wire import (
     Summary,
 )
 
-__all__ = ["SenderCore", "StreamStalled"]
+__all__ = ["SenderCore"]
 
 MAX_CHUNK_ATTEMPTS = 8
 STALL_CHECKS = 4  # snapshots per ack_timeout: a stall is reported within 1.25 x ack_timeout
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStalled:
-    """``stream`` held un-ACKed chunks and made no progress for ``seconds``: treat it as lost
-    (close it, then ``stream_lost``)."""
-
-    stream: int
-    seconds: float
 
 
 class _File:

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from agent.core import FileCompleted, FileFailed, FinalizeFile, ReceiverCore, SenderCore
-from agent.core.sender import StreamStalled
+from agent.core import StreamStalled
 from agent.errors import IntegrityError, RemoteProtocolError
 from agent.wire import (
     ACTION_RESUME,
