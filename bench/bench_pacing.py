@@ -28,8 +28,9 @@ sending ``dxa serve --grpc --controller`` (identities from one ``dxa init`` CA);
 ``dxa submit --rate`` of the first ``--change`` rate, a file sized for ``--step`` seconds
 per rate; the granted rate then changed with the scheduler's ``ChangeRate``
 (``ControllerClient.change_rate``, as the operator ``ops``, else as the sending agent, a
-party of the reservation) ``--step`` seconds after data starts, and again, which the
-sending agent follows by polling (0.5 s).  Per step at its granted rate (from 1 s after
+party of the reservation) ``--step`` seconds (plus a random 0-0.5 s, so that the changes
+land at any phase of the agent's poll) after data starts, and again, which the sending
+agent follows by polling (0.5 s).  Per step at its granted rate (from 1 s after
 the change): average, highest and lowest 1-second window; per change, measured from the
 moment ChangeRate returned: when the agent set its pacer (its log), the first and second
 second after, and the first 100 ms sample within 10% of the new rate (goal: within 1 s).
@@ -45,6 +46,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -243,6 +245,9 @@ class Loopback:
     def dev(self, server_pid: int) -> tuple[str, str]:
         return "/proc/net/dev", "lo"
 
+    def drops(self) -> int | None:
+        return None  # loopback drops nothing
+
     def close(self) -> None:
         pass
 
@@ -285,6 +290,14 @@ class LabLink:
 
     def dev(self, server_pid: int) -> tuple[str, str]:
         return f"/proc/{server_pid}/net/dev", self.iface
+
+    def drops(self) -> int | None:
+        """Packets the relay dropped so far (a full queue or emulated loss), every port."""
+        stats = self.lab.relay_stats()
+        if not stats:
+            return None
+        return sum(port[d][k] for port in stats["ports"] for d in ("ingress", "egress")
+                   for k in ("drop_queue", "drop_loss"))
 
     def close(self) -> None:
         self.lab.__exit__(None, None, None)
@@ -429,6 +442,9 @@ class ScheduledResult:
     """When the sending agent set its pacer (its log line), seconds after ChangeRate returned."""
     granted: list[int] = field(default_factory=list)
     job: dict = field(default_factory=dict)
+    retransmits: int | None = None
+    """TCP segments the sending agent's namespace retransmitted during the run."""
+    relay_drops: int | None = None
     error: str | None = None
 
     @property
@@ -547,6 +563,8 @@ def run_scheduled(target, work: Path, rates: list[int], step: float, env: dict) 
         spec = {"controller": ctl_target, "home": str(homes[operator]), "agent": f"{target.agent_host}:{grpc_port}",
                 "source": "sched.bin", "destination": f"dxa://{target.host}:{dst_port}/sched.bin",
                 "rates": rates, "step": step, "dev": dev_path, "iface": iface, "header": target.header}
+        snmp = f"/proc/{src.pid}/net/snmp"
+        retrans0, drops0 = tcp_retransmits(snmp), target.drops()
         sampler = Sampler(dev_path, iface, target.header)
         sampler.start()
         child = target.popen("ctl", [sys.executable, "-m", "bench.bench_pacing", "--scheduled-child", json.dumps(spec)],
@@ -555,6 +573,9 @@ def run_scheduled(target, work: Path, rates: list[int], step: float, env: dict) 
         out, err = child.communicate(timeout=step * len(rates) * 4 + 60)
         samples = sampler.stop()
         sampler = None
+        res.retransmits = tcp_retransmits(snmp) - retrans0
+        drops1 = target.drops()
+        res.relay_drops = drops1 - drops0 if drops0 is not None and drops1 is not None else None
         try:
             doc = json.loads(out)
         except ValueError:
@@ -589,6 +610,13 @@ def run_scheduled(target, work: Path, rates: list[int], step: float, env: dict) 
                     p.wait()
         shutil.rmtree(src_root, ignore_errors=True)
         shutil.rmtree(dst_root, ignore_errors=True)
+
+
+def tcp_retransmits(snmp: str) -> int:
+    """RetransSegs of the Tcp line of a /proc/.../net/snmp file."""
+    with open(snmp) as f:
+        head, values = [line.split() for line in f if line.startswith("Tcp:")][:2]
+    return int(values[head.index("RetransSegs")])
 
 
 def _rate_log_times(log: Path) -> list[float]:
@@ -637,7 +665,9 @@ async def _scheduled_child(spec: dict) -> dict:
             t_data = time.monotonic()
             out["reservation"] = rid
             for k, r in enumerate(rates[1:], 1):
-                await asyncio.sleep(max(0.0, t_data + k * step - time.monotonic()))
+                # a random extra 0-0.5 s: the changes land at any phase of the agent's 0.5 s poll
+                # (at exact multiples of `step` they would always hit the same phase)
+                await asyncio.sleep(max(0.0, t_data + k * step + random.uniform(0, 0.5) - time.monotonic()))
                 if waiting.done() or rid is None:
                     break
                 called = time.monotonic()
@@ -711,6 +741,13 @@ def scheduled_table(results: list[ScheduledResult]) -> str:
                 f"{human_rate(ch.first_s_bps)} ({ch.first_s_bps / ch.new_bps * 100:.1f}%) | "
                 f"{human_rate(ch.second_s_bps)} ({ch.second_s_bps / ch.new_bps * 100:.1f}%) | "
                 f"{f'{ch.reaction_s:.1f} s' if ch.reaction_s is not None else 'never'} |")
+    lines += ["", "| where | run | ChangeRate called as | job | copy s | TCP retransmits (sender) | relay drops |",
+              "|---|---:|---|---|---:|---:|---:|"]
+    for n, r in enumerate(results, 1):
+        lines.append(f"| {r.where} | {n} | {r.operator} | {r.job.get('state', '?')} | "
+                     f"{r.steps[-1].to_s if r.steps else 0:.1f} | "
+                     f"{r.retransmits if r.retransmits is not None else '?'} | "
+                     f"{r.relay_drops if r.relay_drops is not None else '-'} |")
     return "\n".join(lines)
 
 
