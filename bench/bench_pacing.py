@@ -741,7 +741,7 @@ def scheduled_table(results: list[ScheduledResult]) -> str:
                 f"{human_rate(ch.first_s_bps)} ({ch.first_s_bps / ch.new_bps * 100:.1f}%) | "
                 f"{human_rate(ch.second_s_bps)} ({ch.second_s_bps / ch.new_bps * 100:.1f}%) | "
                 f"{f'{ch.reaction_s:.1f} s' if ch.reaction_s is not None else 'never'} |")
-    lines += ["", "| where | run | ChangeRate called as | job | copy s | TCP retransmits (sender) | relay drops |",
+    lines += ["", "| where | run | ChangeRate called as | job | active s | TCP retransmits (sender) | relay drops |",
               "|---|---:|---|---|---:|---:|---:|"]
     for n, r in enumerate(results, 1):
         lines.append(f"| {r.where} | {n} | {r.operator} | {r.job.get('state', '?')} | "
