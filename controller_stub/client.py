@@ -14,7 +14,7 @@ the node name in the scheduler's certificate.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
@@ -91,3 +91,15 @@ class ControllerClient(MtlsClient):
                                 ) -> list[Reservation]:
         msg = convert.list_filter_to_proto(agent, states)
         return convert.list_from_response(await self._call(self._stub.ListReservations, msg))
+
+    async def watch_reservations(self, agent: str) -> AsyncIterator[Reservation]:
+        """The agent's unreleased reservations, then each change as the scheduler saves it
+        (no timeout; ends when the scheduler stops; ``agent`` empty: all, for admins)."""
+        call = self._stub.WatchReservations(convert.watch_request(agent))
+        try:
+            async for msg in call:
+                yield convert.watch_from_response(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()

@@ -401,3 +401,19 @@ def list_response(reservations: list[Reservation]) -> pb.ListReservationsRespons
 
 def list_from_response(msg: pb.ListReservationsResponse) -> list[Reservation]:
     return [reservation_from_proto(r) for r in msg.reservations]
+
+
+def watch_request(agent: str) -> pb.WatchReservationsRequest:
+    return pb.WatchReservationsRequest(agent=agent)
+
+
+def watch_from_request(msg: pb.WatchReservationsRequest) -> str:
+    return msg.agent
+
+
+def watch_response(r: Reservation) -> pb.WatchReservationsResponse:
+    return pb.WatchReservationsResponse(reservation=reservation_to_proto(r))
+
+
+def watch_from_response(msg: pb.WatchReservationsResponse) -> Reservation:
+    return reservation_from_proto(msg.reservation)

@@ -71,6 +71,9 @@ __all__ = ["ControllerServer", "ControllerService", "ListenError", "describe_err
 
 log = logging.getLogger("controller_stub.server")
 
+WATCH_BACKLOG = 10_000
+"""Changes a WatchReservations stream may leave unread before it is cut off (bounded memory)."""
+
 
 class ListenError(DxaError):
     """The server could not bind its listening address."""
@@ -170,6 +173,8 @@ class ControllerService(convert.ControllerServicerBase):
         self._clock = clock
         self._last_now = -math.inf
         self._saved = ledger.snapshot()
+        self._watchers: dict[asyncio.Queue, str | None] = {}
+        """WatchReservations streams: queue → the agent watched (None: all)."""
         self._commit(self.now())
 
     # ------------------------------------------------------------ plumbing
@@ -195,6 +200,29 @@ class ControllerService(convert.ControllerServicerBase):
             self.ledger = Ledger.restore(self._saved, now, self.ledger.config)
             raise
         self._saved = snap
+        self._notify(event.reservation for event in events if hasattr(event, "reservation"))
+
+    def _notify(self, changed: Iterable[Reservation]) -> None:
+        """Push saved changes to the WatchReservations streams that follow one of their agents."""
+        if not self._watchers:
+            return
+        for r in changed:
+            for q, agent in list(self._watchers.items()):
+                if agent is not None and agent not in (r.request.source, r.request.destination):
+                    continue
+                if q.qsize() >= WATCH_BACKLOG:  # a watcher that does not read: cut it off
+                    log.warning("dropping a WatchReservations stream of %s: %d changes unread", agent or "all",
+                                q.qsize())
+                    del self._watchers[q]
+                    q.put_nowait(None)
+                    continue
+                q.put_nowait(r)
+
+    def close_watchers(self) -> None:
+        """End every WatchReservations stream (the server is stopping)."""
+        for q in self._watchers:
+            q.put_nowait(None)
+        self._watchers.clear()
 
     async def _call(self, context, fn: Callable[[float], object], *, mutating: bool = True):
         now = self.now()
@@ -312,6 +340,29 @@ class ControllerService(convert.ControllerServicerBase):
             return convert.change_rate_response(*self.ledger.change_rate(rid, rate, now))
         return await self._call(context, fn)
 
+    async def WatchReservations(self, request, context):
+        caller = _caller(context)
+        agent = convert.watch_from_request(request)
+        if not (caller in self.admins or (agent and caller == agent)):
+            exc = PermissionDeniedError(caller, "WatchReservations", agent=agent or "(all agents)")
+            log.warning("refused: %s", describe_refusal(exc))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, describe_refusal(exc),
+                                trailing_metadata=(("dxa-error", type(exc).__name__),))
+        self.tick()  # the present: windows that ended and leases that ran out are released first
+        current = [r for r in self.ledger.reservations(agent=agent or None) if not r.state.released]
+        q: asyncio.Queue = asyncio.Queue()
+        self._watchers[q] = agent or None  # from here on (no await in between), every change is queued
+        try:
+            for r in current:
+                yield convert.watch_response(r)
+            while True:
+                r = await q.get()
+                if r is None:
+                    return
+                yield convert.watch_response(r)
+        finally:
+            self._watchers.pop(q, None)
+
     async def ListReservations(self, request, context):
         # Read-only: open to every caller the TLS handshake let in.
         def fn(now):
@@ -403,6 +454,8 @@ class ControllerServer:
                 pass
             self._ticker = None
         if self._server is not None:
+            if self.service is not None:
+                self.service.close_watchers()
             await self._server.stop(grace)
             self._server = None
         if self.service is not None:

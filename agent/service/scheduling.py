@@ -6,7 +6,10 @@ failed heartbeat is logged and retried with exponential backoff (capped), never 
 when the scheduler answers that the agent is unknown or its lease expired (the scheduler
 was restarted from an old state, or the agent was away too long) the agent registers
 again.  The JobManager uses the same link for reservations (request, poll, start,
-release); see :mod:`agent.service.transfers`.
+release); see :mod:`agent.service.transfers`.  Changes of this agent's reservations (a new
+rate, an admission, a release) arrive on the scheduler's WatchReservations stream the
+moment they are saved (:meth:`SchedulerLink.wait_update`); polling remains the fallback
+while the stream is down.
 
 The destination of a scheduled job is named for the scheduler by the common name of the
 destination daemon's certificate: :func:`peer_name` opens a TLS connection to its data
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import grpc
@@ -31,6 +35,8 @@ __all__ = ["SchedulerLink", "peer_name"]
 log = logging.getLogger(__name__)
 
 RE_REGISTER = ("UnknownAgentError", "LeaseExpiredError")
+WATCH_MEMORY = 1024
+"""Pushed reservations remembered (the newest), for jobs that look one up."""
 
 
 async def peer_name(host: str, port: int, identity: Identity, timeout: float = 10.0) -> str:
@@ -70,11 +76,20 @@ class SchedulerLink:
         self.lease_timeout: float | None = None
         self.registrations = 0
         self.heartbeats = 0
+        self.pushed = 0
+        """Reservation changes received on the WatchReservations stream (tests and logs)."""
         self._task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._latest: OrderedDict[str, Reservation] = OrderedDict()
+        self._updated: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
-        """Start registering and heart-beating in the background (the scheduler may be down)."""
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="dxa-scheduler-link")
+        """Start registering and heart-beating in the background (the scheduler may be down),
+        and following this agent's reservations on the scheduler's push stream."""
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._loop(), name="dxa-scheduler-link")
+        if self._watch_task is None:
+            self._watch_task = loop.create_task(self._watch(), name="dxa-scheduler-watch")
 
     async def wait_registered(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self.registered.wait(), timeout)
@@ -85,10 +100,11 @@ class SchedulerLink:
             self._task.cancel()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._watch_task = None
         await self.client.close()
 
     async def _register(self) -> None:
@@ -135,3 +151,47 @@ class SchedulerLink:
             if r.id == reservation_id:
                 return r
         return None
+
+    async def wait_update(self, reservation_id: str, timeout: float) -> Reservation | None:
+        """The reservation as last pushed by the scheduler, as soon as a change of it arrives
+        (None: nothing within ``timeout``; the caller polls then)."""
+        event = self._updated.get(reservation_id)
+        if event is None:  # kept between calls, so a change that lands in between is not missed
+            event = self._updated[reservation_id] = asyncio.Event()
+            if len(self._updated) > WATCH_MEMORY:
+                for rid in [rid for rid in self._updated if rid not in self._latest and rid != reservation_id]:
+                    del self._updated[rid]
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return None
+        event.clear()
+        return self._latest.get(reservation_id)
+
+    async def _watch(self) -> None:
+        """Follow WatchReservations (re-opened with backoff); a scheduler without it is polled only."""
+        backoff = 0.0
+        while True:
+            await self.registered.wait()
+            try:
+                async for r in self.client.watch_reservations(self.name):
+                    backoff = 0.0
+                    self.pushed += 1
+                    self._latest[r.id] = r
+                    self._latest.move_to_end(r.id)
+                    while len(self._latest) > WATCH_MEMORY:
+                        self._latest.popitem(last=False)
+                    event = self._updated.get(r.id)
+                    if event is not None:
+                        event.set()
+            except asyncio.CancelledError:
+                raise
+            except ControllerError as exc:
+                if exc.code is grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("scheduler %s pushes no reservation changes: polling only", self.target)
+                    return
+                log.debug("scheduler %s: reservation stream: %s; re-opening", self.target, exc)
+            except Exception:  # never take the daemon down
+                log.exception("scheduler %s: reservation stream failed; re-opening", self.target)
+            backoff = min(self.backoff_max, max(0.1, backoff * 2))
+            await asyncio.sleep(backoff)

@@ -336,7 +336,8 @@ class JobManager:
     --controller``): a job with a rate asks the scheduler for a reservation of that rate from
     this agent to the destination daemon (named by its certificate CN), stays ``submitted``
     while it waits, becomes ``reserved`` when admitted, starts it and runs paced at the
-    granted rate, follows the reservation's rate (polled every ``poll_interval`` seconds)
+    granted rate, follows the reservation's rate (pushed by the scheduler's WatchReservations
+    stream the moment it changes; polled every ``poll_interval`` seconds as the fallback)
     and releases it when the job ends.  A job without a rate runs outside the scheduler.
     """
 
@@ -468,8 +469,10 @@ class JobManager:
 
     async def change_rate(self, transfer_id: str, rate_bps: int) -> Transfer:
         """:meth:`set_rate` as operators ask for it (``dxa rate``, SetRate): a job that holds a
-        reservation gets the new rate only once the scheduler has changed the reservation
-        (a raise must fit on every link of its path); other jobs at once."""
+        reservation changes only with the scheduler's consent — a raise once the scheduler
+        has admitted it (it must fit on every link of the path), a lowering at once and then
+        at the scheduler (so the path is never oversubscribed; undone if the scheduler
+        refuses); other jobs at once."""
         t = self._job(transfer_id)
         if self.scheduler is not None and t.reservation_id and self._scheduled(t) and not t.state.final:
             from controller_stub.client import ControllerError
@@ -481,9 +484,14 @@ class JobManager:
             if not rate:
                 raise InvalidTransferError(f"{transfer_id} runs on reservation {t.reservation_id}: its rate cannot be "
                                            f"unlimited (0); cancel it and submit it without a rate instead")
+            old = t.rate_bps
+            if rate < old:  # slow down first: the scheduler hands the difference to others at once
+                self.set_rate(transfer_id, rate)
             try:
                 r, _admitted = await self.scheduler.client.change_rate(t.reservation_id, rate)
             except ControllerError as exc:
+                if rate < old and not t.state.final:
+                    self.set_rate(transfer_id, old)
                 raise RateRefusedError(f"the scheduler did not change reservation {t.reservation_id}: {exc}") from None
             run = self._running.get(transfer_id)
             if run is not None:
@@ -683,14 +691,14 @@ class JobManager:
                     log.info("transfer %s: reservation %s %s (%s -> %s at %d bit/s)", t.id, r.id,
                              decision.outcome.value, link.name, dest_name, r.rate_bps)
                 if r.state is State.SUBMITTED:
-                    await asyncio.sleep(self.poll_interval)
+                    await link.wait_update(r.id, self.poll_interval)  # admitted: pushed at once
                     continue
                 t.rate_bps = run.granted_bps = r.rate_bps
                 if r.state is State.RESERVED:
                     if t.state is JobState.SUBMITTED:
                         self._set_state(t, JobState.RESERVED)
                     if r.start > time.time():  # the window opens later: wait for it (and watch the reservation)
-                        await asyncio.sleep(min(self.poll_interval, r.start - time.time()))
+                        await link.wait_update(r.id, min(self.poll_interval, r.start - time.time()))
                         continue
                     r = await link.client.start_reservation(r.id)
                     t.rate_bps = run.granted_bps = r.rate_bps
@@ -718,12 +726,13 @@ class JobManager:
         from controller_stub.client import ControllerError
 
         while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                r = await link.reservation(t.reservation_id)
-            except ControllerError as exc:  # the scheduler away: keep the granted rate
-                log.debug("transfer %s: cannot poll reservation %s: %s", t.id, t.reservation_id, exc)
-                continue
+            r = await link.wait_update(t.reservation_id, self.poll_interval)  # pushed at once, if at all
+            if r is None:
+                try:
+                    r = await link.reservation(t.reservation_id)
+                except ControllerError as exc:  # the scheduler away: keep the granted rate
+                    log.debug("transfer %s: cannot poll reservation %s: %s", t.id, t.reservation_id, exc)
+                    continue
             if r is None or r.state.released:
                 return r
             if r.rate_bps != run.granted_bps:

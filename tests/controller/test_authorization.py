@@ -245,3 +245,67 @@ def test_a_certificate_without_a_common_name_acts_for_nobody(nodes, tmp_path, ca
         assert len(warnings(caplog)) == 2
 
     run(nodes, tmp_path, body)
+
+
+def test_watch_reservations_pushes_each_saved_change_to_the_agents_it_concerns(nodes, tmp_path):
+    async def collect(stream, into: list, n: int):
+        async for r in stream:
+            into.append((r.id, r.state, r.rate_bps))
+            if len(into) == n:
+                return
+
+    async def body(b: Bench):
+        await b.register_all()
+        early = await b.c["gw1"].request_reservation(ReservationRequest("gw1", "gw2", rate_bps=G))
+        gw1, gw2, gw3, everyone = [], [], [], []
+        watchers = [asyncio.create_task(collect(b.c["gw1"].watch_reservations("gw1"), gw1, 5)),
+                    asyncio.create_task(collect(b.c["gw2"].watch_reservations("gw2"), gw2, 5)),
+                    asyncio.create_task(collect(b.c["gw3"].watch_reservations("gw3"), gw3, 1)),
+                    asyncio.create_task(collect(b.c["ops"].watch_reservations(""), everyone, 5))]
+        while len(b.server.service._watchers) < 4:  # every stream open before the changes
+            await asyncio.sleep(0.01)
+        rid = early.reservation.id
+        await b.c["gw1"].start_reservation(rid)
+        await b.c["gw1"].change_rate(rid, 3 * G)
+        await b.c["gw2"].change_rate(rid, 2 * G)
+        await b.c["gw1"].release_reservation(rid, State.DONE)
+        await asyncio.wait_for(asyncio.gather(*watchers[:2], watchers[3]), 5)
+        expected = [(rid, State.RESERVED, G), (rid, State.TRANSFERRING, G), (rid, State.TRANSFERRING, 3 * G),
+                    (rid, State.TRANSFERRING, 2 * G), (rid, State.DONE, 2 * G)]
+        assert gw1 == gw2 == everyone == expected  # the current one first, then every change in order
+        assert gw3 == [] and not watchers[2].done()  # a bystander hears nothing of it
+        watchers[2].cancel()
+
+        # Only the agent itself (or an admin) may watch an agent; only an admin may watch all.
+        with pytest.raises(ControllerError) as err:
+            async for _ in b.c["gw3"].watch_reservations("gw1"):
+                pass
+        assert err.value.code is grpc.StatusCode.PERMISSION_DENIED and "gw3" in err.value.details
+        with pytest.raises(ControllerError) as err:
+            async for _ in b.c["gw3"].watch_reservations(""):
+                pass
+        assert err.value.code is grpc.StatusCode.PERMISSION_DENIED
+
+    run(nodes, tmp_path, body)
+
+
+def test_a_stopping_scheduler_ends_the_watch_streams(nodes, tmp_path):
+    async def main():
+        server = ControllerServer(nodes["sched"], load_topology(TOPOLOGY), tmp_path / "ledger.db")
+        await server.start()
+        async with ControllerClient(f"127.0.0.1:{server.port}", nodes["gw1"], timeout=5.0) as c:
+            await c.register_agent("gw1", "geneva", [], 10 * G)
+            seen = []
+
+            async def watch():
+                async for r in c.watch_reservations("gw1"):
+                    seen.append(r)
+
+            task = asyncio.create_task(watch())
+            while not server.service._watchers:
+                await asyncio.sleep(0.01)
+            await server.stop()
+            await asyncio.wait_for(task, 5)  # ended, without an error
+            assert seen == []
+
+    asyncio.run(main())

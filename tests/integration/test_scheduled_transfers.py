@@ -607,3 +607,31 @@ def test_an_operator_lists_rerates_and_cancels_reservations_with_the_cli(small):
     t = s.on_a(s.manager.wait(t.id))
     assert t.state is JobState.CANCELLED and "cancelled at the scheduler" in t.error, t
     assert not (s.b.root / "op.bin").exists()
+
+
+def test_rate_changes_are_pushed_to_the_agent_not_polled(small):
+    s = small
+    (s.a.root / "push.bin").write_bytes(os.urandom(2 << 20))
+    s.manager.poll_interval = 30.0  # polling alone would take half a minute
+
+    async def operator_change(rid: str, rate: int):
+        async with ControllerClient(s.target, s.sched_ident, timeout=5) as c:
+            return await c.change_rate(rid, rate)
+
+    async def go():
+        t = s.manager.submit(TransferSpec("push.bin", s.b.url("push.bin"), rate_bps=2 * M))
+        async for ev in s.manager.watch(t.id):
+            if isinstance(ev, StateChanged) and ev.new is JobState.TRANSFERRING:
+                break
+        pushed_before = s.link_a.pushed
+        changed = time.monotonic()
+        await operator_change(s.manager.get(t.id).reservation_id, 5 * M)
+        async for ev in s.manager.watch(t.id):
+            if isinstance(ev, RateChanged):
+                followed = time.monotonic() - changed
+                break
+        await s.manager.cancel_and_wait(t.id)
+        return followed, s.link_a.pushed - pushed_before
+
+    followed, pushed = s.on_a(go())
+    assert pushed >= 1 and followed < 1.0, (followed, pushed)

@@ -71,6 +71,11 @@ class ControllerServiceStub:
                 request_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.ListReservationsRequest.SerializeToString,
                 response_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.ListReservationsResponse.FromString,
                 _registered_method=True)
+        self.WatchReservations = channel.unary_stream(
+                '/dxa.controller.v1.ControllerService/WatchReservations',
+                request_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsRequest.SerializeToString,
+                response_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -127,6 +132,16 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchReservations(self, request, context):
+        """The reservations of one agent as they change (queued, admitted, started, re-rated,
+        released), pushed the moment the scheduler has saved the change; the agent's
+        unreleased reservations first.  Only the agent itself (or an admin) may watch it;
+        an admin may leave agent empty to watch all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +179,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.ListReservations,
                     request_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.ListReservationsRequest.FromString,
                     response_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.ListReservationsResponse.SerializeToString,
+            ),
+            'WatchReservations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchReservations,
+                    request_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsRequest.FromString,
+                    response_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +375,33 @@ class ControllerService:
             '/dxa.controller.v1.ControllerService/ListReservations',
             dxa_dot_controller_dot_v1_dot_controller__pb2.ListReservationsRequest.SerializeToString,
             dxa_dot_controller_dot_v1_dot_controller__pb2.ListReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dxa.controller.v1.ControllerService/WatchReservations',
+            dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsRequest.SerializeToString,
+            dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
