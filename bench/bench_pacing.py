@@ -29,8 +29,9 @@ sending ``dxa serve --grpc --controller`` (identities from one ``dxa init`` CA);
 per rate; the granted rate then changed with the scheduler's ``ChangeRate``
 (``ControllerClient.change_rate``, as the operator ``ops``, else as the sending agent, a
 party of the reservation) ``--step`` seconds (plus a random 0-0.5 s, so that the changes
-land at any phase of the agent's poll) after data starts, and again, which the sending
-agent follows by polling (0.5 s).  Per step at its granted rate (from 1 s after
+land at any phase of the agent's fallback poll) after data starts, and again, which the
+sending agent follows as the scheduler pushes it (WatchReservations; polling every 0.5 s
+is the fallback).  Per step at its granted rate (from 1 s after
 the change): average, highest and lowest 1-second window; per change, measured from the
 moment ChangeRate returned: when the agent set its pacer (its log), the first and second
 second after, and the first 100 ms sample within 10% of the new rate (goal: within 1 s).
@@ -621,7 +622,7 @@ def tcp_retransmits(snmp: str) -> int:
 
 def _rate_log_times(log: Path) -> list[float]:
     """Wall-clock times of the sending agent's "transfer t1: rate A -> B bit/s" lines (its
-    poll saw the new rate and set the pacer), in order."""
+    pushed or polled new rate reached the pacer), in order."""
     from datetime import datetime
 
     out = []
@@ -665,7 +666,7 @@ async def _scheduled_child(spec: dict) -> dict:
             t_data = time.monotonic()
             out["reservation"] = rid
             for k, r in enumerate(rates[1:], 1):
-                # a random extra 0-0.5 s: the changes land at any phase of the agent's 0.5 s poll
+                # a random extra 0-0.5 s: the changes land at any phase of the agent's 0.5 s fallback poll
                 # (at exact multiples of `step` they would always hit the same phase)
                 await asyncio.sleep(max(0.0, t_data + k * step + random.uniform(0, 0.5) - time.monotonic()))
                 if waiting.done() or rid is None:
