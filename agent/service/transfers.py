@@ -313,6 +313,11 @@ def _tree_bytes(path: str, recursive: bool) -> int:
     return total
 
 
+START_UP = 1.0
+"""Seconds a scheduled copy needs before its first chunk moves (connect, list, hash); sized
+into deadline and off-peak reservations (at most a quarter of a deadline's time left)."""
+
+
 class _Running:
     """What a running job holds besides its row: the task, the pacer, the progress."""
 
@@ -741,13 +746,22 @@ class JobManager:
                     self.set_rate(t.id, r.rate_bps)
 
     def _volume(self, t: Transfer) -> int:
-        """Bytes a job with a deadline or a window end still has to move, plus 2 % and 128 KiB of
-        headroom for framing and start-up (the ledger sizes the reservation for it)."""
+        """The volume a job with a deadline or a window end asks the ledger to size its
+        reservation for: the bytes still to move plus 2 % and 128 KiB (framing, the
+        manifest), plus ``START_UP`` seconds for connecting, listing and hashing before the
+        first chunk — at the rate (rate mode), or by asking for the rate that finishes that
+        much before the deadline (deadline mode: the ledger spreads the volume over the time
+        left, so the volume grows by time left / (time left - start-up))."""
         if t.bytes_total:
             left = max(0, t.bytes_total - t.bytes_done)
         else:
             left = _tree_bytes(self._source_path(t.spec.source), t.spec.recursive)
-        return left + left // 50 + (128 << 10)
+        volume = left + left // 50 + (128 << 10)
+        if t.spec.deadline is not None:
+            span = t.spec.deadline - max(time.time(), t.spec.window_start or 0.0)
+            allowance = min(START_UP, span / 4)
+            return math.ceil(volume * span / (span - allowance)) if span > 0 else volume
+        return volume + math.ceil(t.spec.rate_bps / 8 * START_UP)
 
     async def _release(self, t: Transfer, link: SchedulerLink) -> None:
         """Release the job's reservation with the job's outcome (retried while the scheduler is away)."""
