@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 
 from agent.errors import ConfigError, DxaError
-from agent.service.credentials import server_credentials
+from agent.service.credentials import caller_name, server_credentials
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.errors import (
@@ -126,15 +126,6 @@ def describe_refusal(exc: PermissionDeniedError) -> str:
                 f"({exc.source} -> {exc.destination}): it may not {verb} it")
     return (f"node {exc.caller!r} may not {verb} from {exc.source!r} to {exc.destination!r}: "
             f"it is neither the source nor the destination")
-
-
-def _caller(context) -> str:
-    """The common name of the caller's verified certificate ("" if it has none)."""
-    names = context.auth_context().get("x509_common_name") or ()
-    try:
-        return names[0].decode() if names else ""
-    except UnicodeDecodeError:
-        return ""
 
 
 def _admin_names(admins: Iterable[str]) -> frozenset[str]:
@@ -279,7 +270,7 @@ class ControllerService(convert.ControllerServicerBase):
     # ------------------------------------------------------------ the RPCs
 
     async def RegisterAgent(self, request, context):
-        caller = _caller(context)
+        caller = caller_name(context)
 
         def fn(now):
             registration = convert.registration_from_proto(request)
@@ -290,7 +281,7 @@ class ControllerService(convert.ControllerServicerBase):
         return await self._call(context, fn)
 
     async def Heartbeat(self, request, context):
-        caller = _caller(context)
+        caller = caller_name(context)
 
         def fn(now):
             name = convert.heartbeat_from_request(request)
@@ -300,7 +291,7 @@ class ControllerService(convert.ControllerServicerBase):
         return await self._call(context, fn)
 
     async def RequestReservation(self, request, context):
-        caller = _caller(context)
+        caller = caller_name(context)
 
         def fn(now):
             spec = convert.spec_from_request(request)
@@ -313,7 +304,7 @@ class ControllerService(convert.ControllerServicerBase):
         return await self._call(context, fn)
 
     async def StartReservation(self, request, context):
-        caller = _caller(context)
+        caller = caller_name(context)
 
         def fn(now):
             rid = convert.start_from_request(request)
@@ -322,7 +313,7 @@ class ControllerService(convert.ControllerServicerBase):
         return await self._call(context, fn)
 
     async def ReleaseReservation(self, request, context):
-        caller = _caller(context)
+        caller = caller_name(context)
 
         def fn(now):
             rid, outcome, reason = convert.release_from_proto(request)
@@ -332,7 +323,7 @@ class ControllerService(convert.ControllerServicerBase):
         return await self._call(context, fn)
 
     async def ChangeRate(self, request, context):
-        caller = _caller(context)
+        caller = caller_name(context)
 
         def fn(now):
             rid, rate = convert.change_rate_from_request(request)
@@ -341,7 +332,7 @@ class ControllerService(convert.ControllerServicerBase):
         return await self._call(context, fn)
 
     async def WatchReservations(self, request, context):
-        caller = _caller(context)
+        caller = caller_name(context)
         agent = convert.watch_from_request(request)
         if not (caller in self.admins or (agent and caller == agent)):
             exc = PermissionDeniedError(caller, "WatchReservations", agent=agent or "(all agents)")

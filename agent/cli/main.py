@@ -35,7 +35,7 @@ config file ($DXA_HOME/config.toml, or --config FILE), one section per command;
 every flag that sets a value has a key (contrib/config.example.toml lists them all):
   [identity]   ca, cert, key                          (--ca/--cert/--key of every command)
   [init]       name
-  [serve]      listen, root, state_dir, port_file, fsync, metrics, grpc, grpc_port_file,
+  [serve]      listen, root, state_dir, port_file, fsync, metrics, grpc, grpc_port_file, clients,
                controller, site, capacity
   [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
                no_progress
@@ -289,7 +289,7 @@ async def _start_transfers(s: argparse.Namespace, config, identity, link=None):
     if not listen:
         return None
     db = os.path.join(os.path.dirname(config.journal_path), "transfers.sqlite")
-    service = await start_daemon_service(listen, config.root, db, identity, scheduler=link)
+    service = await start_daemon_service(listen, config.root, db, identity, scheduler=link, clients=s.clients or None)
     _write_port_file(s.grpc_port_file, service[0].port)
     return service
 
@@ -525,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "
                         "off by default")
     s.add_argument("--grpc-port-file", dest="grpc_port_file", metavar="FILE", help="write the bound gRPC port here")
+    s.add_argument("--client", dest="clients", action="append", metavar="NAME",
+                   help="with --grpc: a node (certificate CN) allowed to submit, see, rate and cancel this agent's "
+                        "jobs; repeat for several; others are refused (default: every node of the CA)")
     s.add_argument("--controller", metavar="HOST:PORT",
                    help="register with the scheduler (dxa controller serve) here and heartbeat; jobs with a rate "
                         "then wait for a reservation and run at the granted rate; off by default")

@@ -91,6 +91,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serve", "metrics", "str", None, "DXA_METRICS", "HOST:PORT for Prometheus metrics (off if unset)"),
     Setting("serve", "grpc", "str", None, "DXA_GRPC", "HOST:PORT for the TransferService (off if unset)"),
     Setting("serve", "grpc_port_file", "str", None, "DXA_GRPC_PORT_FILE", "write the bound gRPC port here"),
+    Setting("serve", "clients", "list", (), "DXA_CLIENTS", "with grpc: the only nodes (certificate CNs) that may "
+            "use the TransferService, besides this agent (empty: every node of the CA)", flag="--client"),
     Setting("serve", "controller", "str", None, "DXA_CONTROLLER", "scheduler HOST:PORT (off if unset)"),
     Setting("serve", "site", "str", None, "DXA_SITE", "with controller: this agent's site"),
     Setting("serve", "capacity", "rate", None, "DXA_CAPACITY", "with controller: this agent's link, bits/s"),

@@ -14,7 +14,7 @@ import grpc
 from agent.errors import ConfigError, DxaError
 from agent.store.pki import Identity
 
-__all__ = ["channel_credentials", "server_credentials", "MtlsClient", "GrpcCallError"]
+__all__ = ["GrpcCallError", "MtlsClient", "caller_name", "channel_credentials", "server_credentials"]
 
 
 def _read(path: Path) -> bytes:
@@ -88,3 +88,13 @@ class MtlsClient:
             return await method(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
+
+
+def caller_name(context) -> str:
+    """The node name (certificate CN) of a gRPC caller whose certificate the handshake
+    verified; "" if it has none.  Both services authorize by it."""
+    names = context.auth_context().get("x509_common_name") or ()
+    try:
+        return names[0].decode() if names else ""
+    except UnicodeDecodeError:
+        return ""

@@ -4,19 +4,24 @@ Each RPC converts the request (:mod:`agent.service.convert`), makes one JobManag
 and converts the answer; WatchTransfer streams the manager's events until the transfer is
 final.  It runs on the daemon's event loop, next to the data port, and shares its identity:
 mutual TLS with the ``dxa init`` certificates (a client from another CA is refused during
-the handshake).  Refusals carry trailing metadata ``dxa-error`` (the error class).
+the handshake).  ``clients`` (``dxa serve --client NAME``): when given, only those nodes
+(certificate CNs) and the agent itself may call any RPC; others get ``PERMISSION_DENIED``
+before anything is read or changed.  Without it every node of the CA may (the default).
+Refusals carry trailing metadata ``dxa-error`` (the error class).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import sys
+from collections.abc import Iterable
 
 import grpc
 
 from agent.errors import DxaError
 from agent.service import convert
-from agent.service.credentials import server_credentials
+from agent.service.credentials import caller_name, server_credentials
 from agent.service.transfers import JobError, JobManager
 from agent.store.pki import Identity
 
@@ -30,10 +35,23 @@ class GrpcListenError(DxaError):
 
 
 class TransferServicer(convert.TransferServicerBase):
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, clients: Iterable[str] | None = None) -> None:
         self.manager = manager
+        self.clients = None if clients is None else frozenset(clients) | {manager.identity.name}
+
+    async def _authorize(self, context, rpc: str) -> None:
+        if self.clients is None:
+            return
+        caller = caller_name(context)
+        if caller not in self.clients:
+            text = (f"node {caller or '(no name)'!r} may not call {rpc} on agent {self.manager.identity.name!r} "
+                    f"(its clients: {', '.join(sorted(self.clients))})")
+            log.warning("refused: %s", text)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, text,
+                                trailing_metadata=(("dxa-error", "PermissionDeniedError"),))
 
     async def _call(self, context, fn):
+        await self._authorize(context, sys._getframe(1).f_code.co_name)  # the RPC calling us
         try:
             answer = fn()
             return await answer if inspect.isawaitable(answer) else answer
@@ -64,6 +82,7 @@ class TransferServicer(convert.TransferServicerBase):
         return await self._call(context, change)
 
     async def WatchTransfer(self, request, context):
+        await self._authorize(context, "WatchTransfer")
         events = await self._call(context, lambda: self.manager.watch(convert.id_from_request(request)))
         try:
             first = await self._call(context, events.__anext__)  # NOT_FOUND is raised here
@@ -80,8 +99,10 @@ class TransferServer:
     The manager's lifecycle is the caller's (the daemon starts it before and closes it after).
     """
 
-    def __init__(self, manager: JobManager, identity: Identity, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, manager: JobManager, identity: Identity, host: str = "127.0.0.1", port: int = 0, *,
+                 clients: Iterable[str] | None = None) -> None:
         self.manager = manager
+        self.clients = clients
         self.identity = identity
         self.host, self.port = host, port
         self._server: grpc.aio.Server | None = None
@@ -89,7 +110,7 @@ class TransferServer:
     async def start(self) -> int:
         credentials = server_credentials(self.identity)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        convert.add_servicer_to_server(TransferServicer(self.manager), server)
+        convert.add_servicer_to_server(TransferServicer(self.manager, self.clients), server)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             port = server.add_secure_port(address, credentials)
@@ -108,8 +129,8 @@ class TransferServer:
             self._server = None
 
 
-async def start_daemon_service(listen: str, root: str, db_path: str, identity: Identity, *, scheduler=None
-                               ) -> tuple[TransferServer, JobManager]:
+async def start_daemon_service(listen: str, root: str, db_path: str, identity: Identity, *, scheduler=None,
+                               clients: Iterable[str] | None = None) -> tuple[TransferServer, JobManager]:
     """What ``dxa serve --grpc HOST:PORT`` starts next to the data port: the jobs of ``db_path``
     (unfinished ones resume) and the gRPC server.  Stop with :func:`stop_daemon_service`."""
     from agent.errors import ConfigError
@@ -119,7 +140,7 @@ async def start_daemon_service(listen: str, root: str, db_path: str, identity: I
         raise ConfigError(f"--grpc wants HOST:PORT, got {listen!r}")
     manager = JobManager(root, db_path, identity, scheduler=scheduler)
     await manager.start()
-    server = TransferServer(manager, identity, host.strip("[]"), int(port))
+    server = TransferServer(manager, identity, host.strip("[]"), int(port), clients=clients)
     try:
         await server.start()
     except BaseException:

@@ -231,6 +231,45 @@ def test_client_with_an_expired_certificate_is_refused(agents, home, tmp_path):
     assert agents.manager.list() == [] and not (agents.b.root / "late.bin").exists()
 
 
+def test_only_the_listed_clients_may_use_an_agent(agents, home, tmp_path):
+    from agent.store.pki import issue_cert
+
+    ops = issue_cert(home, "ops", tmp_path / "ops")
+    stranger = issue_cert(home, "stranger", tmp_path / "stranger")  # same CA, not listed
+    (agents.a.root / "f.bin").write_bytes(os.urandom(10_000))
+
+    async def start():
+        g = TransferServer(agents.manager, agents.identity, clients=("ops",))
+        await g.start()
+        return g
+
+    limited = agents.on_a(start())
+    target = f"127.0.0.1:{limited.port}"
+
+    async def go():
+        async with Client(target, stranger, timeout=5) as c:
+            for call in (c.submit("f.bin", agents.dest("x.bin")), c.list(), c.get("t1"), c.cancel("t1")):
+                with pytest.raises(TransferServiceError) as ei:
+                    await call
+                assert ei.value.code is grpc.StatusCode.PERMISSION_DENIED and "stranger" in ei.value.details
+            with pytest.raises(TransferServiceError) as ei:
+                async for _ in c.watch("t1"):
+                    pass
+            assert ei.value.code is grpc.StatusCode.PERMISSION_DENIED
+        async with Client(target, ops, timeout=5) as c:  # listed
+            t = await c.wait((await c.submit("f.bin", agents.dest("ops.bin"))).id)
+        async with Client(target, agents.identity, timeout=5) as c:  # the agent itself
+            mine = await c.list()
+        return t, mine
+
+    try:
+        t, mine = run(go())
+    finally:
+        agents.on_a(limited.stop())
+    assert t.state is JobState.DONE and [x.id for x in mine] == [t.id]
+    assert not (agents.b.root / "x.bin").exists()
+
+
 def test_cli_serve_grpc_submit_status_rate_cancel(tmp_path, home, daemon_factory):
     """dxa serve --grpc on agent A, dxa submit/status/rate/cancel against it, pushing to agent B."""
     import json
