@@ -25,6 +25,7 @@ from controller_stub.ledger import (
     Agent,
     AgentRegistration,
     Decision,
+    Link,
     Reservation,
     ReservationRequest,
     State,
@@ -91,6 +92,10 @@ class ControllerClient(MtlsClient):
                                 ) -> list[Reservation]:
         msg = convert.list_filter_to_proto(agent, states)
         return convert.list_from_response(await self._call(self._stub.ListReservations, msg))
+
+    async def topology(self) -> tuple[list[str], list[Agent], list[tuple[Link, int]]]:
+        """(sites, agents, [(link, rate reserved on it now)]) as the scheduler sees them."""
+        return convert.topology_from_response(await self._call(self._stub.GetTopology, convert.topology_request()))
 
     async def watch_reservations(self, agent: str) -> AsyncIterator[Reservation]:
         """The agent's unreleased reservations, then each change as the scheduler saves it

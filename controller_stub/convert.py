@@ -33,6 +33,7 @@ from controller_stub.ledger import (
     Agent,
     AgentRegistration,
     Decision,
+    Link,
     Outcome,
     Reservation,
     ReservationRequest,
@@ -82,6 +83,13 @@ __all__ = [
     "list_filter_to_proto",
     "list_response",
     "list_from_response",
+    "watch_request",
+    "watch_from_request",
+    "watch_response",
+    "watch_from_response",
+    "topology_request",
+    "topology_response",
+    "topology_from_response",
 ]
 
 
@@ -417,3 +425,21 @@ def watch_response(r: Reservation) -> pb.WatchReservationsResponse:
 
 def watch_from_response(msg: pb.WatchReservationsResponse) -> Reservation:
     return reservation_from_proto(msg.reservation)
+
+
+def topology_request() -> pb.GetTopologyRequest:
+    return pb.GetTopologyRequest()
+
+
+def topology_response(sites: list[str], agents: list[Agent], links: list[tuple[Link, int]]
+                      ) -> pb.GetTopologyResponse:
+    """``links``: (link, rate reserved on it now)."""
+    return pb.GetTopologyResponse(
+        sites=sites, agents=[agent_to_proto(a) for a in agents],
+        links=[pb.Link(id=k.id, source=k.src, destination=k.dst, capacity_bps=k.capacity_bps, reserved_bps=load)
+               for k, load in links])
+
+
+def topology_from_response(msg: pb.GetTopologyResponse) -> tuple[list[str], list[Agent], list[tuple[Link, int]]]:
+    return (list(msg.sites), [agent_from_proto(a) for a in msg.agents],
+            [(Link(k.id, k.source, k.destination, k.capacity_bps), k.reserved_bps) for k in msg.links])

@@ -354,6 +354,14 @@ class ControllerService(convert.ControllerServicerBase):
         finally:
             self._watchers.pop(q, None)
 
+    async def GetTopology(self, request, context):
+        # Read-only: open to every caller the TLS handshake let in.
+        def fn(now):
+            self.ledger.tick(now)  # expired leases show as expired, ended windows hold nothing
+            return convert.topology_response(self.ledger.sites(), self.ledger.agents(),
+                                             [(k, self.ledger.load(k.id, now)) for k in self.ledger.links()])
+        return await self._call(context, fn, mutating=False)
+
     async def ListReservations(self, request, context):
         # Read-only: open to every caller the TLS handshake let in.
         def fn(now):

@@ -1,4 +1,4 @@
-"""``dxa controller list / rate / release``: an operator's view of the scheduler's ledger.
+"""``dxa controller list / show / rate / release``: an operator's view of the scheduler's ledger.
 
 Kept apart from agent/cli/main.py, which registers these commands (``add_commands``) next
 to ``dxa controller serve``.  They are thin wrappers over
@@ -51,9 +51,7 @@ def _table(reservations) -> str:
     for r in reservations:
         rows.append((r.id, r.state.value, f"{r.request.source} -> {r.request.destination}", _rate_text(r.rate_bps),
                      _when(r.start), _when(r.end), r.reason))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
-                     for row in rows).rstrip() + "\n"
+    return _columns(rows)
 
 
 def _run(args, coro_fn) -> int:
@@ -81,6 +79,43 @@ def cmd_list(args) -> int:
         return EXIT_OK
 
     return _run(args, go)
+
+
+def cmd_show(args) -> int:
+    from agent.cli.transfers import _rate_text
+
+    async def go(c):
+        sites, agents, links = await c.topology()
+        now = time.time()
+        if args.json:
+            print(json.dumps({
+                "sites": sites,
+                "agents": [{"name": a.name, "site": a.site, "addresses": list(a.addresses),
+                            "capacity_bps": a.capacity_bps, "lease_expires": a.lease_expires, "expired": a.expired}
+                           for a in agents],
+                "links": [{"id": k.id, "source": k.src, "destination": k.dst, "capacity_bps": k.capacity_bps,
+                           "reserved_bps": load} for k, load in links]}))
+            return EXIT_OK
+        rows = [("AGENT", "SITE", "CAPACITY", "LEASE", "ADDRESSES")]
+        for a in agents:
+            lease = "expired" if a.expired else f"live, {max(0.0, a.lease_expires - now):.0f} s left"
+            rows.append((a.name, a.site, _rate_text(a.capacity_bps), lease, " ".join(a.addresses)))
+        sys.stdout.write(_columns(rows))
+        print()
+        rows = [("LINK", "CAPACITY", "RESERVED NOW", "USED")]
+        for k, load in links:
+            rows.append((k.id, _rate_text(k.capacity_bps), _rate_text(load) if load else "0",
+                         f"{100 * load / k.capacity_bps:.0f}%"))
+        sys.stdout.write(_columns(rows))
+        print(f"\nsites: {', '.join(sites)}")
+        return EXIT_OK
+
+    return _run(args, go)
+
+
+def _columns(rows) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
 
 
 def cmd_rate(args) -> int:
@@ -123,7 +158,7 @@ def _print_change(args, r, admitted) -> None:
 
 
 def add_commands(controller_sub, common: argparse.ArgumentParser) -> None:
-    """Register list, rate and release under ``dxa controller``."""
+    """Register list, show, rate and release under ``dxa controller``."""
     from controller_stub.ledger import State
 
     client = argparse.ArgumentParser(add_help=False)
@@ -146,6 +181,14 @@ def add_commands(controller_sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--state", dest="states", action="append", choices=[st.value for st in State],
                    help="only reservations in this state (repeat for several)")
     s.set_defaults(func=cmd_list)
+
+    s = controller_sub.add_parser(
+        "show", parents=[common, client], help="the scheduler's agents and links, and what is reserved now",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        description="Show the network as the scheduler sees it: registered agents (site, link capacity, "
+                    "lease),\nevery directed link with its capacity and the rate reserved on it at this moment, "
+                    "and the sites.")
+    s.set_defaults(func=cmd_show)
 
     s = controller_sub.add_parser(
         "rate", parents=[common, client], help="change a reservation's rate (its transfer follows)",

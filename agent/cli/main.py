@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", "-t", type=float, help="test duration (default 10)")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("controller", help="the bandwidth scheduler: dxa controller serve / list / rate / release",
+    s = sub.add_parser("controller", help="the bandwidth scheduler: dxa controller serve / list / show / rate / release",
                        description="The scheduler that agents register with and that grants, queues and releases "
                                    "reservations of bandwidth on their path (docs/CONTROL.md).")
     controller = s.add_subparsers(dest="controller_command", required=True, metavar="SUBCOMMAND")

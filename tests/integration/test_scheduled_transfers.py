@@ -594,6 +594,17 @@ def test_an_operator_lists_rerates_and_cancels_reservations_with_the_cli(small):
     r = dxa(ops, "controller", "list", *c, "--agent", "beta")
     assert r.returncode == 0 and rid in r.stdout and "transferring" in r.stdout and "2M" in r.stdout, r.stdout
 
+    r = dxa(ops, "controller", "show", *c, "--json")
+    assert r.returncode == 0, r.stderr
+    net = json.loads(r.stdout)
+    assert {(a["name"], a["site"], a["expired"]) for a in net["agents"]} >= {("alpha", "geneva", False),
+                                                                          ("beta", "amsterdam", False)}
+    loads = {k["id"]: (k["capacity_bps"], k["reserved_bps"]) for k in net["links"]}
+    assert loads["alpha>geneva"] == (6 * M, 2 * M) and loads["amsterdam>beta"][1] == 2 * M
+    assert loads["beta>amsterdam"][1] == 0  # the other direction: not on the path
+    r = dxa(gamma, "controller", "show", *c)  # read-only: any node of the CA
+    assert r.returncode == 0 and "alpha>geneva" in r.stdout and "33%" in r.stdout, r.stdout
+
     r = dxa(ops, "controller", "rate", rid, "3M", *c)
     assert r.returncode == 0 and "3M" in r.stdout, r.stderr
     s.wait_for(lambda: s.manager.get(t.id).rate_bps == 3 * M, what="agent follows the new rate")

@@ -226,3 +226,31 @@ class WatchReservationsResponse(_message.Message):
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
     reservation: Reservation
     def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ...) -> None: ...
+
+class GetTopologyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Link(_message.Message):
+    __slots__ = ("id", "source", "destination", "capacity_bps", "reserved_bps")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BPS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BPS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    source: str
+    destination: str
+    capacity_bps: int
+    reserved_bps: int
+    def __init__(self, id: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., capacity_bps: _Optional[int] = ..., reserved_bps: _Optional[int] = ...) -> None: ...
+
+class GetTopologyResponse(_message.Message):
+    __slots__ = ("sites", "agents", "links")
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedScalarFieldContainer[str]
+    agents: _containers.RepeatedCompositeFieldContainer[Agent]
+    links: _containers.RepeatedCompositeFieldContainer[Link]
+    def __init__(self, sites: _Optional[_Iterable[str]] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ...) -> None: ...

@@ -76,6 +76,11 @@ class ControllerServiceStub:
                 request_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsRequest.SerializeToString,
                 response_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsResponse.FromString,
                 _registered_method=True)
+        self.GetTopology = channel.unary_unary(
+                '/dxa.controller.v1.ControllerService/GetTopology',
+                request_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.GetTopologyRequest.SerializeToString,
+                response_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.GetTopologyResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -142,6 +147,15 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTopology(self, request, context):
+        """The network as the scheduler sees it now: sites, registered agents with their leases,
+        every directed link with its capacity and the rate reserved on it at this moment.
+        Read-only, open to every caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +198,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.WatchReservations,
                     request_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsRequest.FromString,
                     response_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsResponse.SerializeToString,
+            ),
+            'GetTopology': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTopology,
+                    request_deserializer=dxa_dot_controller_dot_v1_dot_controller__pb2.GetTopologyRequest.FromString,
+                    response_serializer=dxa_dot_controller_dot_v1_dot_controller__pb2.GetTopologyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +421,33 @@ class ControllerService:
             '/dxa.controller.v1.ControllerService/WatchReservations',
             dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsRequest.SerializeToString,
             dxa_dot_controller_dot_v1_dot_controller__pb2.WatchReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTopology(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dxa.controller.v1.ControllerService/GetTopology',
+            dxa_dot_controller_dot_v1_dot_controller__pb2.GetTopologyRequest.SerializeToString,
+            dxa_dot_controller_dot_v1_dot_controller__pb2.GetTopologyResponse.FromString,
             options,
             channel_credentials,
             insecure,
