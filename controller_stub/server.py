@@ -377,13 +377,17 @@ class ControllerServer:
     ``clock`` and ``config`` (the lease timeout) are injectable for tests.  The topology is
     applied on every start, so a changed capacity takes effect (and may preempt).
     ``admins``: node names (client certificate CNs) that may do every call for any agent
-    and any reservation (operators); everyone else acts only as itself.
+    and any reservation (operators); everyone else acts only as itself.  ``metrics``:
+    (host, port) to serve Prometheus metrics on (:mod:`controller_stub.metrics`).
     """
 
     def __init__(self, identity: Identity, topology: Topology, state_path: str | Path, *, host: str = "127.0.0.1",
                  port: int = 0, config: LedgerConfig | None = None, clock: Callable[[], float] = time.time,
-                 tick_interval: float = 1.0, admins: Iterable[str] = ()) -> None:
+                 tick_interval: float = 1.0, admins: Iterable[str] = (),
+                 metrics: tuple[str, int] | None = None) -> None:
         self.identity = identity
+        self.metrics_address = metrics
+        self.metrics = None
         self.admins = _admin_names(admins)
         self.topology = topology
         self.state_path = Path(state_path)
@@ -425,6 +429,18 @@ class ControllerServer:
             store.close()
             raise
         self._server, self.port = server, port
+        if self.metrics_address is not None:
+            from controller_stub.metrics import SchedulerMetrics
+
+            self.metrics = SchedulerMetrics(clock=self.clock)
+            try:
+                self.metrics.start(*self.metrics_address, lambda: self.ledger)
+            except OSError as exc:
+                await server.stop(None)
+                self.service.store.close()
+                raise ListenError(f"cannot serve metrics on {self.metrics_address[0]}:{self.metrics_address[1]}: "
+                                  f"{exc.strerror or exc}") from None
+            log.info("metrics at http://%s:%d/metrics", self.metrics.host, self.metrics.port)
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         held = sum(1 for r in self.ledger.reservations() if not r.state.released)
         log.info("controller listening on %s:%d, state %s (%d agents, %d unreleased reservations), admins: %s",
@@ -445,6 +461,9 @@ class ControllerServer:
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop answering (in-flight calls get ``grace`` seconds), save, close the store."""
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         if self._ticker is not None:
             self._ticker.cancel()
             try:

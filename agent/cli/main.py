@@ -40,7 +40,7 @@ every flag that sets a value has a key (contrib/config.example.toml lists them a
   [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
                no_progress
   [bench]      the keys of [cp] but no_progress, and seconds
-  [controller] listen, topology, state, port_file, lease_timeout, admins  (dxa controller serve)
+  [controller] listen, topology, state, port_file, lease_timeout, metrics, admins  (dxa controller serve)
   e.g. [cp] streams = 8, chunk_size = "8M", no_encrypt = false; [controller] admins = ["ops"]
   An unknown section or key, or a value of the wrong type, is an error (exit status 2).
   No key: --home, --config, -v, --json, -q, SRC/DST, -r, the bench URL, init --issue/--out.
@@ -386,12 +386,18 @@ def cmd_controller_serve(args) -> int:
         raise ConfigError(f"--lease-timeout must be a positive number of seconds, got {s.lease_timeout}")
     topology = load_topology(s.topology)
     identity = _identity(args)
+    metrics = None
+    if s.metrics:
+        from agent.service.metrics import parse_listen
+
+        metrics = parse_listen(s.metrics)
     log = logging.getLogger("controller_stub.serve")
     log.info("dxa %s controller, node %s, topology %s", __version__, identity.name, s.topology)
 
     async def main() -> None:
         server = ControllerServer(identity, topology, s.state, host=host.strip("[]"), port=int(port),
-                                  config=LedgerConfig(lease_timeout=s.lease_timeout), admins=s.admins)
+                                  config=LedgerConfig(lease_timeout=s.lease_timeout), admins=s.admins,
+                                  metrics=metrics)
         await server.start()
         try:
             _write_port_file(s.port_file, server.port)
@@ -594,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port-file", metavar="FILE", help="write the bound port here once listening (useful with :0)")
     s.add_argument("--lease-timeout", dest="lease_timeout", type=float, metavar="SECONDS",
                    help="an agent that does not heartbeat for this long loses its reservations (default 30)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (agents, reservations by state, the "
+                        "queue, capacity and reserved rate per link); off by default")
     s.add_argument("--admin", dest="admins", action="append", metavar="NAME",
                    help="a node name (certificate CN) allowed every scheduler call on any agent's behalf, "
                         "e.g. an operator's; repeat for several (replaces admins = [...] of the config file)")

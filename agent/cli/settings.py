@@ -110,6 +110,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("controller", "port_file", "str", None, "DXA_CONTROLLER_PORT_FILE", "write the bound port here"),
     Setting("controller", "lease_timeout", "float", 30.0, "DXA_CONTROLLER_LEASE_TIMEOUT",
             "seconds without a heartbeat before an agent loses its reservations"),
+    Setting("controller", "metrics", "str", None, "DXA_CONTROLLER_METRICS", "HOST:PORT for the scheduler's "
+            "Prometheus metrics (off if unset)"),
     Setting("controller", "admins", "list", (), "DXA_CONTROLLER_ADMINS",
             "node names (certificate CNs) allowed every scheduler call", flag="--admin"),
 )

@@ -320,3 +320,37 @@ def test_a_failed_save_is_not_acknowledged_and_leaves_no_trace(pki, gw2, tmp_pat
             assert d.outcome is Outcome.ADMITTED and d.reservation.id == "r1"
 
     asyncio.run(main())
+
+
+def test_the_scheduler_exports_prometheus_metrics(pki, gw2, tmp_path):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ident, gw1 = pki
+
+    def scrape(port: int) -> dict:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    async def main():
+        async with _server(ident, tmp_path / "ledger.db", metrics=("127.0.0.1", 0)) as server:
+            await _register_two(server.port, gw1, gw2)
+            async with _client(server, gw1) as c:
+                await c.request_reservation(ReservationRequest("gw1", "gw2", rate_bps=3 * G))
+                await c.request_reservation(ReservationRequest("gw1", "gw2", rate_bps=8 * G))  # waits: gw1 is 10G
+            server.metrics.sample()
+            m = await asyncio.get_running_loop().run_in_executor(None, scrape, server.metrics.port)
+            port = server.metrics.port
+        return m, port
+
+    m, port = asyncio.run(main())
+    assert m[("dxa_scheduler_agents", (("state", "live"),))] == 2
+    assert m[("dxa_scheduler_reservations", (("state", "reserved"),))] == 1
+    assert m[("dxa_scheduler_reservations", (("state", "submitted"),))] == 1
+    assert m[("dxa_scheduler_waiting_reservations", ())] == 1
+    assert m[("dxa_scheduler_link_capacity_bps", (("link", "gw1>geneva"),))] == 10 * G
+    assert m[("dxa_scheduler_link_reserved_bps", (("link", "gw1>geneva"),))] == 3 * G
+    with pytest.raises(OSError):  # stopped with the scheduler
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
