@@ -3,8 +3,8 @@
 The ledger lives on the server's event loop and is not thread-safe, while
 prometheus_client scrapes from its own HTTP thread.  So a sampler on the loop copies
 what is exported into a plain snapshot every ``interval`` seconds (and after each
-``sample()`` call), under a lock, and the collector only reads that snapshot.  A private
-``CollectorRegistry`` keeps several schedulers in one process apart (tests).
+``sample()`` call), under a lock, and the collector only reads that snapshot.  The
+registry, endpoint and sampler are :class:`agent.service.metrics.SampledCollector`'s.
 
 Exposed (all prefixed ``dxa_scheduler_``):
 
@@ -20,59 +20,34 @@ Exposed (all prefixed ``dxa_scheduler_``):
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from agent.service.metrics import SampledCollector
 from controller_stub.ledger import Ledger, State
 
 __all__ = ["SchedulerMetrics"]
 
 
-class SchedulerMetrics:
+class SchedulerMetrics(SampledCollector):
     """``start(host, port, ledger_fn)`` on the event loop; ``await close()``."""
 
     def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.time) -> None:
-        self.interval = interval
         self.clock = clock
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(self)
-        self.host, self.port = "", 0
         self._lock = threading.Lock()
         self._snap: dict = {}
         self._ledger_fn: Callable[[], Ledger] | None = None
-        self._httpd = None
-        self._thread = None
-        self._sampler: asyncio.Task | None = None
+        super().__init__(interval)
 
-    def start(self, host: str, port: int, ledger_fn: Callable[[], Ledger]) -> None:
+    def start(self, host: str, port: int, ledger_fn: Callable[[], Ledger]) -> None:  # type: ignore[override]
         """Serve ``/metrics`` on host:port (0: a free one, then in ``self.port``); needs a running loop."""
         self._ledger_fn = ledger_fn
         self.sample()
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        self.host, self.port = host, self._httpd.server_port
-        self._sampler = asyncio.get_running_loop().create_task(self._sample_loop())
-
-    async def close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            await asyncio.gather(self._sampler, return_exceptions=True)
-            self._sampler = None
-        if self._httpd is not None:
-            httpd, self._httpd = self._httpd, None
-            await asyncio.get_running_loop().run_in_executor(None, httpd.shutdown)
-            httpd.server_close()
-            self._thread.join(5)
-
-    async def _sample_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.sample()
+        super().start(host, port)
 
     def sample(self) -> None:
         """Copy the ledger's numbers (call on the ledger's event loop)."""
@@ -86,9 +61,6 @@ class SchedulerMetrics:
             self._snap = snap
 
     # -- the collector (prometheus_client, HTTP thread) ------------------------------
-    def describe(self):
-        return []
-
     def collect(self):
         with self._lock:
             snap = self._snap

@@ -42,7 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from agent.aio.session import ReceiverSession, SenderSession
 from agent.errors import ConfigError
 
-__all__ = ["ServerMetrics", "TcpInfo", "parse_listen", "parse_tcp_info", "read_tcp_info"]
+__all__ = ["SampledCollector", "ServerMetrics", "TcpInfo", "parse_listen", "parse_tcp_info", "read_tcp_info"]
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +131,16 @@ def _sockets(driver) -> list[socket.socket]:
     return [p.sock for p in list(getattr(driver, "pumps", {}).values()) if getattr(p, "sock", None) is not None]
 
 
-class ServerMetrics:
-    """Metrics of one Server.  Mutated on the event loop; scraped from the HTTP thread."""
+class SampledCollector:
+    """What a dxa Prometheus endpoint shares: a private ``CollectorRegistry`` with this object as
+    its only collector, the HTTP endpoint, and a sampler task on the event loop that calls
+    :meth:`sample` every ``interval`` seconds (a failed sample is logged, never raised).
+    Subclasses set up their state before calling ``super().__init__`` and implement
+    ``sample()`` and ``collect()``."""
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.registry = CollectorRegistry(auto_describe=True)
-        self._lock = threading.Lock()
-        self._live: dict[str, _Live] = {}
-        self._bytes = {"received": 0, "sent": 0}
-        self._files_ok = self._files_failed = self._retried = 0
-        self._transfers: dict[tuple[str, str], int] = {}
-        self._peers: dict[str, _Peer] = {}
         self._httpd = None
         self._thread = None
         self._sampler: asyncio.Task | None = None
@@ -150,7 +148,6 @@ class ServerMetrics:
         self.port = 0
         self.registry.register(self)
 
-    # -- lifecycle ---------------------------------------------------------------
     def start(self, host: str, port: int) -> None:
         """Serve ``/metrics`` on host:port (0: a free port, then in ``self.port``); needs a running loop."""
         self._httpd, self._thread = start_http_server(port, addr=host, registry=self.registry)
@@ -167,6 +164,33 @@ class ServerMetrics:
             await asyncio.get_running_loop().run_in_executor(None, httpd.shutdown)
             httpd.server_close()
             self._thread.join(5)
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.sample()
+            except Exception:  # never let metrics take the daemon down
+                log.exception("metrics sampling failed")
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def describe(self):
+        return []
+
+
+class ServerMetrics(SampledCollector):
+    """Metrics of one Server.  Mutated on the event loop; scraped from the HTTP thread."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, _Live] = {}
+        self._bytes = {"received": 0, "sent": 0}
+        self._files_ok = self._files_failed = self._retried = 0
+        self._transfers: dict[tuple[str, str], int] = {}
+        self._peers: dict[str, _Peer] = {}
+        super().__init__(interval)
 
     # -- hooks called by the Server ---------------------------------------------
     def session_started(self, sid: str, mode: str, peer: str, driver) -> None:
@@ -201,14 +225,6 @@ class ServerMetrics:
                     peer.seen.clear()
 
     # -- sampling ----------------------------------------------------------------
-    async def _sample_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                self.sample()
-            except Exception:  # never let metrics take the daemon down
-                log.exception("metrics sampling failed")
-
     def sample(self) -> None:
         """Refresh transfer rates and per-peer TCP_INFO now (the sampler calls this every interval)."""
         now = time.monotonic()
@@ -248,9 +264,6 @@ class ServerMetrics:
                     peer.seen = {}
 
     # -- the collector (called by prometheus_client at scrape time) -----------------
-    def describe(self):
-        return []
-
     def collect(self):
         with self._lock:
             live = list(self._live.items())
