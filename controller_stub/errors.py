@@ -76,6 +76,9 @@ class LeaseExpiredError(LedgerError):
 class InvalidRequestError(LedgerError, ValueError):
     """A request is malformed: no rate and no deadline, an empty window, a rate of zero..."""
 
+    def __str__(self) -> str:
+        return ": ".join(str(a) for a in self.args)
+
 
 class InvalidPathError(InvalidRequestError):
     """An explicit path does not lead, link after link, from the source to the destination."""
@@ -88,6 +91,9 @@ class DeadlineUnreachableError(InvalidRequestError):
         super().__init__(finish_by, now)
         self.finish_by = finish_by
         self.now = now
+
+    def __str__(self) -> str:
+        return "the window's end is already past, or too close for the volume at the rate"
 
 
 class RateAboveCapacityError(LedgerError, ValueError):

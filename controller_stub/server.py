@@ -99,7 +99,7 @@ def describe_error(exc: LedgerError) -> str:
     if isinstance(exc, InvalidTransitionError):
         return f"{exc.reservation_id} is {exc.state}: cannot {exc.action}"
     if isinstance(exc, DeadlineUnreachableError):
-        return "the deadline is already past or too close for the window"
+        return str(exc)
     words = [str(a) for a in exc.args]
     return ": ".join(words) if words else type(exc).__name__
 

@@ -15,13 +15,14 @@ The agent's certificate must name the host dialled, or pass ``server_name``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
 from agent.service import convert
 from agent.service.credentials import GrpcCallError, MtlsClient
-from agent.service.transfers import JobState, Transfer, TransferEvent, TransferSpec
+from agent.service.transfers import InvalidTransferError, JobState, Transfer, TransferEvent, TransferSpec
 from agent.store.pki import Identity
 
 __all__ = ["Client", "TransferServiceError"]
@@ -60,8 +61,11 @@ class Client(MtlsClient):
         stopped and fails, its partial data kept for a resume."""
         spec = TransferSpec(source, destination, rate, priority, recursive, source_agent, window_start, window_end,
                             deadline)
-        return convert.transfer_from_response(
-            await self._call(self._stub.SubmitTransfer, convert.submit_request(spec, request_id)))
+        try:
+            request = convert.submit_request(spec, request_id)
+        except InvalidTransferError as exc:  # refused here as the agent would refuse it
+            raise TransferServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc), type(exc).__name__) from None
+        return convert.transfer_from_response(await self._call(self._stub.SubmitTransfer, request))
 
     async def get(self, transfer_id: str) -> Transfer:
         return convert.transfer_from_response(
@@ -93,8 +97,28 @@ class Client(MtlsClient):
         finally:
             call.cancel()
 
-    async def wait(self, transfer_id: str) -> Transfer:
-        """Until the transfer is final; its last state."""
-        async for _ in self.watch(transfer_id):
-            pass
-        return await self.get(transfer_id)
+    async def wait(self, transfer_id: str, *, reconnect_for: float = 120.0) -> Transfer:
+        """Until the transfer is final; its last state.  An agent that restarts meanwhile (its
+        jobs resume) is waited for: the watch is re-opened while the agent answers
+        UNAVAILABLE for at most ``reconnect_for`` seconds in a row."""
+        import time
+
+        down_since: float | None = None
+        backoff = 0.2
+        while True:
+            try:
+                async for _ in self.watch(transfer_id):
+                    down_since, backoff = None, 0.2
+                t = await self.get(transfer_id)
+                if t.state.final:
+                    return t
+                # the stream ended without a final state: the agent is shutting down
+            except TransferServiceError as exc:
+                if exc.code is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                now = time.monotonic()
+                down_since = now if down_since is None else down_since
+                if now - down_since >= reconnect_for:
+                    raise
+            await asyncio.sleep(backoff)
+            backoff = min(2.0, backoff * 2)

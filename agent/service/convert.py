@@ -71,8 +71,9 @@ def state_from_proto(value: int) -> JobState | None:
 
 def _split_url(url: str) -> tuple[str, str]:
     """``dxa://HOST:PORT/a/b/`` → (``HOST:PORT``, ``a/b/``)."""
-    rest = url.removeprefix("dxa://")
-    agent, _, path = rest.partition("/")
+    if not url.startswith("dxa://"):
+        raise InvalidTransferError(f"the destination must be dxa://HOST:PORT/path, got {url!r}")
+    agent, _, path = url.removeprefix("dxa://").partition("/")
     return agent, path
 
 
@@ -93,8 +94,10 @@ def spec_to_proto(spec: TransferSpec) -> pb.TransferSpec:
 
 
 def spec_from_proto(msg: pb.TransferSpec) -> TransferSpec:
-    if not msg.destination.agent:
-        raise InvalidTransferError("the destination needs an agent (HOST:PORT of its dxa serve)")
+    host, _, port = msg.destination.agent.rpartition(":")
+    if not host or not port.isdigit():
+        raise InvalidTransferError(f"the destination agent must be HOST:PORT of its dxa serve, got "
+                                   f"{msg.destination.agent!r}")
     destination = f"dxa://{msg.destination.agent}/{msg.destination.path.lstrip('/')}"
     return TransferSpec(source=msg.source.path, destination=destination,
                         rate_bps=msg.rate_bps if msg.HasField("rate_bps") else 0, priority=msg.priority,

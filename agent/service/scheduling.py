@@ -79,6 +79,7 @@ class SchedulerLink:
         self.pushed = 0
         """Reservation changes received on the WatchReservations stream (tests and logs)."""
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
         self._watch_task: asyncio.Task | None = None
         self._latest: OrderedDict[str, Reservation] = OrderedDict()
         self._updated: dict[str, asyncio.Event] = {}
@@ -127,7 +128,12 @@ class SchedulerLink:
                     await self.client.heartbeat(self.name)
                     self.heartbeats += 1
                 backoff = 0.0
-                await asyncio.sleep(self.interval or (self.lease_timeout or 30.0) / 3)
+                try:  # until the next heartbeat, or until a job finds the scheduler forgot us
+                    await asyncio.wait_for(self._wake.wait(), self.interval or (self.lease_timeout or 30.0) / 3)
+                    self._wake.clear()
+                    need_register = True
+                except TimeoutError:
+                    pass
             except asyncio.CancelledError:
                 raise
             except ControllerError as exc:
@@ -151,6 +157,12 @@ class SchedulerLink:
             if r.id == reservation_id:
                 return r
         return None
+
+    def register_again(self) -> None:
+        """Register at once instead of at the next heartbeat (the scheduler answered a job that
+        it does not know this agent: it lost its state, or our lease ran out)."""
+        self.registered.clear()
+        self._wake.set()
 
     async def wait_update(self, reservation_id: str, timeout: float) -> Reservation | None:
         """The reservation as last pushed by the scheduler, as soon as a change of it arrives

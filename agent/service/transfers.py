@@ -8,8 +8,10 @@ a running job at once.
 
 Lifecycle: ``submitted`` → ``transferring`` → ``done`` / ``failed`` / ``cancelled``;
 a job that goes through the scheduler (a ``scheduler`` link and a rate) also passes
-``reserved`` once its reservation is admitted, and releases it when it ends.  A copy that ends incomplete or on a broken connection is
-re-run a few times (a re-run resumes from the destination's journal) before the job fails.
+``reserved`` once its reservation is admitted, and releases it when it ends.  A copy that
+ends incomplete is re-run a few times, one that fails on the network (the destination
+restarting, a path down) is retried with backoff until it has made no progress for
+``retry_window`` (10 minutes); a re-run resumes from the destination's journal.
 Cancel stops the copy; the partial data stays at the destination and a new job with the
 same source and destination resumes it.
 
@@ -271,7 +273,9 @@ def _validate(spec: TransferSpec) -> TransferSpec:
         check_rate(spec.rate_bps)
         if not is_remote(spec.destination):
             raise ConfigError(f"destination must be dxa://HOST:PORT/path, got {spec.destination!r}")
-        parse_remote(spec.destination)
+        remote = parse_remote(spec.destination)
+        if remote.path:
+            split_relpath(remote.path)  # no "..", no absolute path: the destination would refuse it anyway
         source = spec.source.rstrip("/")
         if not source:
             raise PathError("the source path is empty")
@@ -313,6 +317,9 @@ def _tree_bytes(path: str, recursive: bool) -> int:
     return total
 
 
+RETRY_BACKOFF_MAX = 30.0
+"""Longest wait between two tries of a copy that failed on the network."""
+
 START_UP = 1.0
 """Seconds a scheduled copy needs before its first chunk moves (connect, list, hash); sized
 into deadline and off-peak reservations (at most a quarter of a deadline's time left)."""
@@ -335,7 +342,9 @@ class JobManager:
 
     ``root`` is the directory sources must lie under (the daemon's ``--root``);
     ``options`` the transfer options of every job (streams, chunk size, cipher...);
-    ``attempts`` how many times a copy is run before the job fails.
+    ``attempts`` how many times a copy that ends incomplete is run before the job fails;
+    ``retry_window`` how long network failures are retried (with backoff from
+    ``retry_delay``, capped at 30 s) after the copy last made progress.
 
     ``scheduler`` (a started :class:`~agent.service.scheduling.SchedulerLink`, ``dxa serve
     --controller``): a job with a rate asks the scheduler for a reservation of that rate from
@@ -347,7 +356,8 @@ class JobManager:
     """
 
     def __init__(self, root: str, db_path: str, identity: Identity, *, options: TransferOptions | None = None,
-                 attempts: int = 3, retry_delay: float = 0.5, progress_interval: float = 0.5,
+                 attempts: int = 3, retry_delay: float = 0.5, retry_window: float = 600.0,
+                 progress_interval: float = 0.5,
                  scheduler: SchedulerLink | None = None, poll_interval: float = 0.5) -> None:
         self.scheduler = scheduler
         self.poll_interval = poll_interval
@@ -357,6 +367,7 @@ class JobManager:
         self.options = replace(options or TransferOptions(), rate=0, recursive=False)
         self.attempts = max(1, attempts)
         self.retry_delay = retry_delay
+        self.retry_window = retry_window
         self.progress_interval = progress_interval
         self._store: JobStore | None = None
         self._jobs: dict[str, Transfer] = {}
@@ -402,11 +413,15 @@ class JobManager:
     def submit(self, spec: TransferSpec, request_id: str = "") -> Transfer:
         """Accept a job (validated now, run in the background); a known ``request_id`` returns its job."""
         assert self._store is not None, "not started"
+        spec = _validate(spec)
         if request_id:
             for t in self._jobs.values():
                 if t.request_id == request_id:
+                    if replace(t.spec, source_agent=spec.source_agent) != spec:
+                        raise InvalidTransferError(
+                            f"request id {request_id!r} was used for {t.id} ({t.spec.source} -> "
+                            f"{t.spec.destination}); a retry must repeat the same transfer, a new one needs a new id")
                     return replace(t)
-        spec = _validate(spec)
         if (spec.window_start is not None or spec.window_end is not None) and self.scheduler is None:
             raise InvalidTransferError("windows need the scheduler (dxa serve --controller HOST:PORT)")
         if spec.deadline is not None and self.scheduler is None:
@@ -416,7 +431,9 @@ class JobManager:
             raise InvalidTransferError(
                 f"this agent is {self.identity.name!r}: it sends only its own data (source agent "
                 f"{spec.source_agent!r}); submit the transfer to the source agent")
-        self._source_path(spec.source)  # exists, no symlink, under the root
+        path = self._source_path(spec.source)  # exists, no symlink, under the root
+        if os.path.isdir(path) and not spec.recursive:
+            raise InvalidTransferError(f"{spec.source}: is a directory (send a tree with recursive, dxa submit -r)")
         now = time.time()
         t = Transfer("", spec, JobState.SUBMITTED, spec.rate_bps, request_id=request_id, created=now, updated=now)
         t.id = self._store.insert(t)
@@ -490,6 +507,8 @@ class JobManager:
                 raise InvalidTransferError(f"{transfer_id} runs on reservation {t.reservation_id}: its rate cannot be "
                                            f"unlimited (0); cancel it and submit it without a rate instead")
             old = t.rate_bps
+            if rate < old and (t.spec.window_end is not None or t.spec.deadline is not None):
+                await self._check_lowering_fits(t, rate)
             if rate < old:  # slow down first: the scheduler hands the difference to others at once
                 self.set_rate(transfer_id, rate)
             try:
@@ -503,6 +522,26 @@ class JobManager:
                 run.granted_bps = r.rate_bps
             rate_bps = r.rate_bps
         return self.set_rate(transfer_id, rate_bps)
+
+    async def _check_lowering_fits(self, t: Transfer, rate: int) -> None:
+        """A reservation sized for a window or deadline keeps its end when its rate is lowered:
+        refuse a rate at which what is left cannot arrive by then."""
+        from controller_stub.client import ControllerError
+
+        assert self.scheduler is not None
+        try:
+            r = await self.scheduler.reservation(t.reservation_id)
+        except ControllerError as exc:
+            raise RateRefusedError(f"cannot check reservation {t.reservation_id}: {exc}") from None
+        if r is None or math.isinf(r.end):
+            return
+        left = max(0, t.bytes_total - t.bytes_done) if t.bytes_total else self._volume(t)
+        need, remaining = left * 8 / rate, r.end - time.time()
+        if need > remaining:
+            raise RateRefusedError(
+                f"at {rate} bit/s the {left} bytes left need {need:.0f} s, but reservation {r.id} ends in "
+                f"{max(0.0, remaining):.0f} s (sized for its window); lower it less, or cancel the transfer and "
+                f"submit it again with a later window or deadline")
 
     async def wait(self, transfer_id: str) -> Transfer:
         """Until the job is final (and its reservation released); its last state."""
@@ -643,9 +682,11 @@ class JobManager:
             finish_by = t.spec.deadline if t.spec.deadline is not None else t.spec.window_end
             left = f"{t.bytes_done} of {t.bytes_total} bytes arrived" if t.bytes_total else "nothing arrived"
             if reason == "window ended" or finish_by is not None and time.time() >= finish_by:
-                what = "deadline" if t.spec.deadline is not None else "window"
+                until = time.strftime("%H:%M:%S", time.localtime(r.end)) if r is not None else "?"
+                what = ("its deadline" if t.spec.deadline is not None else
+                        f"its reservation (sized for the data at {t.rate_bps} bit/s, until {until})")
                 self._set_state(t, JobState.FAILED,
-                                f"the {what} ended before the transfer finished ({left}); the partial data is "
+                                f"{what} ended before the transfer finished ({left}); the partial data is "
                                 f"kept: submit the same transfer again to resume it")
                 return
             log.warning("transfer %s: reservation %s released by the scheduler (%s); stopped, asking for a new one",
@@ -668,6 +709,11 @@ class JobManager:
             try:
                 r = await link.reservation(t.reservation_id) if t.reservation_id else None
                 if r is None or r.state.released:
+                    if r is not None and r.reason in ("deadline unreachable", "window ended"):
+                        # The ledger gave up on it while it waited: the path is booked until too late.
+                        raise JobError(f"the scheduler could not fit the transfer in its window: reservation "
+                                       f"{r.id} {r.reason} while it waited (other reservations hold the path); "
+                                       f"submit it with a later window or deadline")
                     if r is not None:
                         log.info("transfer %s: reservation %s was released (%s); asking again", t.id, r.id,
                                  r.reason or r.state.value)
@@ -721,6 +767,8 @@ class JobManager:
                                 f"{request.volume_bytes * 8 / rate:.1f} s)" if rate else
                                 f" ({request.volume_bytes} bytes)")
                     raise JobError(f"the scheduler refused the reservation: {exc}{need}") from None
+                if exc.kind in ("UnknownAgentError", "LeaseExpiredError"):
+                    link.register_again()
                 log.warning("transfer %s: scheduler: %s; retrying", t.id, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
@@ -784,19 +832,28 @@ class JobManager:
                 await asyncio.sleep(0.5 * (attempt + 1))
 
     async def _attempts(self, t: Transfer, run: _Running) -> None:
+        """Run the copy until it is verified.  A copy that ends incomplete is re-run up to
+        ``attempts`` times; a network failure (the destination restarting, a path down) is
+        retried with exponential backoff (capped at 30 s) for as long as the copy keeps
+        making progress or ``retry_window`` seconds have not passed since it last did."""
         source = self._source_path(t.spec.source)
         opts = replace(self.options, recursive=t.spec.recursive)
         if t.state is not JobState.TRANSFERRING:
             self._set_state(t, JobState.TRANSFERRING)
-        error = ""
-        for attempt in range(1, self.attempts + 1):
+        error, incomplete, tries = "", 0, 0
+        backoff, last_progress = self.retry_delay, time.monotonic()
+        while True:
+            tries += 1
             run.progress = Progress()
             run.pacer = SharedPacer(t.rate_bps)
+            done_before = t.bytes_done
+            network = False
             try:
                 result: CopyResult = await copy([source], t.spec.destination, identity=self.identity, options=opts,
                                                 progress=run.progress, pacer=run.pacer)
             except (BrokenConnectionError, ConnectionError, OSError) as exc:
-                error = str(exc) or type(exc).__name__
+                error, network = str(exc) or type(exc).__name__, True
+                t.bytes_done = max(t.bytes_done, run.progress.bytes_done)
             except DxaError as exc:  # authentication, path refused, protocol: re-running will not help
                 self._set_state(t, JobState.FAILED, f"{type(exc).__name__}: {exc}")
                 return
@@ -806,16 +863,27 @@ class JobManager:
                 t.files_total, t.files_done = result.files, result.files_ok
                 t.chunks_retried += result.chunks_retried
                 if result.verified:
+                    t.error = ""
                     self._emit(t.id, self._progressed(t, time.time(), 0))
                     self._set_state(t, JobState.DONE)
                     return
                 error = "; ".join(result.errors[:3]) or "incomplete"
+                incomplete += 1
             finally:
                 run.pacer = None
-            log.warning("transfer %s: attempt %d/%d ended: %s", t.id, attempt, self.attempts, error)
-            if attempt < self.attempts:
-                self._save(t)
-                await asyncio.sleep(self.retry_delay * attempt)
+            if t.bytes_done > done_before:
+                last_progress, backoff = time.monotonic(), self.retry_delay
+            stalled = time.monotonic() - last_progress
+            if not network and incomplete >= self.attempts:
+                break
+            if network and stalled >= self.retry_window:
+                error = f"{error} (gave up after {stalled:.0f} s without progress)"
+                break
+            log.warning("transfer %s: try %d ended: %s; again in %.1f s", t.id, tries, error, backoff)
+            t.error = f"retrying in {backoff:.0f} s: {error}"
+            self._save(t)
+            await asyncio.sleep(backoff)
+            backoff = min(RETRY_BACKOFF_MAX, backoff * 2)
         self._set_state(t, JobState.FAILED, error)
 
     async def _report(self, t: Transfer, run: _Running) -> None:

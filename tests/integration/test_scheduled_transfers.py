@@ -466,7 +466,7 @@ def test_a_job_still_running_when_its_window_ends_is_stopped_and_stays_resumable
     # as a transfer slower than its rate would) stops the copy when it ends.
     monkeypatch.setattr(JobManager, "_volume", lambda self, t: 150_000)  # 1.2 s at 1 Mbit/s
     t = s.on_a(go(), timeout=30)
-    assert t.state is JobState.FAILED and "window ended" in t.error and "resume" in t.error, t
+    assert t.state is JobState.FAILED and "ended before the transfer finished" in t.error and "resume" in t.error, t
     r = s.reservations()[t.reservation_id]
     assert r.state is State.FAILED and r.reason == "window ended"
     assert t.updated - r.end < 3  # stopped when the window closed, not at the end of the data
@@ -648,3 +648,50 @@ def test_rate_changes_are_pushed_to_the_agent_not_polled(small):
 
     followed, pushed = s.on_a(go())
     assert pushed >= 1 and followed < 1.0, (followed, pushed)
+
+
+def test_a_lowering_that_cannot_finish_inside_a_sized_window_is_refused(small):
+    from agent.service.transfers import RateRefusedError
+
+    s = small
+    (s.a.root / "win.bin").write_bytes(os.urandom(2 << 20))
+
+    async def go():
+        t = s.manager.submit(TransferSpec("win.bin", s.b.url("win.bin"), rate_bps=4 * M,
+                                          window_end=time.time() + 60))
+        async for ev in s.manager.watch(t.id):
+            if isinstance(ev, StateChanged) and ev.new is JobState.TRANSFERRING:
+                break
+        try:
+            await s.manager.change_rate(t.id, M // 4)  # the reservation is sized for ~5.5 s at 4M
+        except RateRefusedError as exc:
+            refused = exc
+        after = s.manager.get(t.id)
+        return refused, after, await s.manager.wait(t.id)
+
+    refused, after, done = s.on_a(go(), timeout=30)
+    assert "left need" in str(refused) and "ends in" in str(refused), refused
+    assert after.rate_bps == 4 * M and s.reservations()[after.reservation_id].rate_bps == 4 * M
+    assert done.state is JobState.DONE, done
+
+
+def test_a_queued_window_that_can_no_longer_fit_fails_with_the_reason(small):
+    s = small
+    (s.a.root / "hog.bin").write_bytes(os.urandom(2 << 20))
+    (s.a.root / "late.bin").write_bytes(os.urandom(200_000))
+
+    async def go():
+        hog = s.manager.submit(TransferSpec("hog.bin", s.b.url("hog.bin"), rate_bps=6 * M))  # the whole 6M link
+        async for ev in s.manager.watch(hog.id):
+            if isinstance(ev, StateChanged) and ev.new is JobState.TRANSFERRING:
+                break
+        # Fits its window only if it could start at once: it queues behind hog, then cannot fit.
+        late = s.manager.submit(TransferSpec("late.bin", s.b.url("late.bin"), rate_bps=2 * M,
+                                             window_end=time.time() + 2.5))
+        late = await s.manager.wait(late.id)
+        await s.manager.cancel_and_wait(hog.id)
+        return late
+
+    late = s.on_a(go(), timeout=30)
+    assert late.state is JobState.FAILED and "could not fit the transfer in its window" in late.error, late
+    assert not (s.b.root / "late.bin").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 
 import grpc
 import pytest
@@ -336,3 +337,78 @@ def test_cli_serve_grpc_submit_status_rate_cancel(tmp_path, home, daemon_factory
         finally:
             a.send_signal(signal.SIGTERM)
             assert a.wait(20) == 0
+
+
+def test_a_job_outlives_a_restart_of_its_destination(agents, identity, tmp_path):
+    """A destination daemon restarting (kill -9, then systemd's RestartSec) must not fail the
+    jobs into it: network failures are retried with backoff while the job can progress."""
+    src = agents.a.root / "big.bin"
+    src.write_bytes(os.urandom(2 << 20))
+    port = agents.b.port
+
+    async def until_moving():
+        t = agents.manager.submit(TransferSpec("big.bin", agents.dest("big.bin"), rate_bps=SLOW))
+        async for ev in agents.manager.watch(t.id):
+            if isinstance(ev, Progressed) and ev.bytes_done >= 400_000:
+                return t.id
+
+    tid = agents.on_a(until_moving())
+    agents.b.close()  # the destination goes away mid-transfer...
+    time.sleep(2.0)  # ...for longer than the old 3 quick attempts lasted
+    retrying = agents.manager.get(tid)
+    assert retrying.state is JobState.TRANSFERRING and "retrying" in retrying.error, retrying
+    agents.b = InProcessServer(agents.tmp / "root-b", identity, port=port)  # back on the same port
+    done = agents.on_a(agents.manager.wait(tid), timeout=60)
+    assert done.state is JobState.DONE and done.error == "", done
+    assert (agents.b.root / "big.bin").read_bytes() == src.read_bytes()
+
+
+def test_a_job_gives_up_after_the_retry_window_without_progress(tmp_path, identity):
+    async def go():
+        m = JobManager(str(tmp_path / "root"), str(tmp_path / "t.sqlite"), identity, options=OPTS, retry_delay=0.1,
+                       retry_window=1.0)
+        (tmp_path / "root").mkdir()
+        (tmp_path / "root" / "f.bin").write_bytes(b"x" * 1000)
+        await m.start()
+        try:
+            t = m.submit(TransferSpec("f.bin", "dxa://127.0.0.1:1/f.bin"))  # nobody listens there
+            return await asyncio.wait_for(m.wait(t.id), 20)
+        finally:
+            await m.close()
+
+    t = run(go())
+    assert t.state is JobState.FAILED and "gave up after" in t.error, t
+
+
+def test_submit_refuses_what_cannot_work_before_running_it(agents, identity):
+    (agents.a.root / "dir").mkdir()
+    (agents.a.root / "dir" / "f.bin").write_bytes(b"x")
+    (agents.a.root / "f.bin").write_bytes(b"y" * 100)
+
+    async def go():
+        async with Client(agents.target, identity) as c:
+            errors = {}
+            for name, call in {
+                "http url": lambda: c.submit("f.bin", "http://127.0.0.1:1/x.bin"),
+                "escaping destination": lambda: c.submit("f.bin", agents.dest("../x.bin")),
+                "directory without -r": lambda: c.submit("dir", agents.dest("d")),
+            }.items():
+                try:
+                    await call()
+                except (TransferServiceError, ValueError) as exc:
+                    errors[name] = exc
+            first = await c.submit("f.bin", agents.dest("a.bin"), request_id="k1")
+            again = await c.submit("f.bin", agents.dest("a.bin"), request_id="k1")
+            try:
+                await c.submit("dir", agents.dest("b"), recursive=True, request_id="k1")
+            except TransferServiceError as exc:
+                errors["request id reused"] = exc
+            await c.wait(first.id)
+            return errors, first, again, await c.list()
+
+    errors, first, again, jobs = run(go())
+    assert set(errors) == {"http url", "escaping destination", "directory without -r", "request id reused"}
+    assert "is a directory" in str(errors["directory without -r"]) and str(agents.a.root) not in str(
+        errors["directory without -r"])
+    assert "k1" in str(errors["request id reused"]) and first.id in str(errors["request id reused"])
+    assert again.id == first.id and [t.id for t in jobs] == [first.id]  # nothing else was accepted
