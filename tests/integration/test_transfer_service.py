@@ -46,11 +46,11 @@ class Agents:
     def on_a(self, coro, timeout: float = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.a.loop).result(timeout)
 
-    def start_manager(self) -> None:
+    def start_manager(self, port: int = 0) -> None:
         async def start():
             m = JobManager(str(self.a.root), self.db, self.identity, options=OPTS, retry_delay=0.2)
             await m.start()
-            g = TransferServer(m, self.identity)
+            g = TransferServer(m, self.identity, port=port)
             await g.start()
             return m, g
         self.manager, self.grpc = self.on_a(start())
@@ -412,3 +412,25 @@ def test_submit_refuses_what_cannot_work_before_running_it(agents, identity):
         errors["directory without -r"])
     assert "k1" in str(errors["request id reused"]) and first.id in str(errors["request id reused"])
     assert again.id == first.id and [t.id for t in jobs] == [first.id]  # nothing else was accepted
+
+
+def test_waiting_for_a_job_outlives_a_restart_of_its_agent(agents, identity):
+    src = agents.a.root / "big.bin"
+    src.write_bytes(os.urandom(1 << 20))  # ~2 s at SLOW
+
+    def restart(port: int) -> None:
+        agents.stop_manager()
+        time.sleep(0.5)
+        agents.start_manager(port=port)  # the job resumes; the client's watch is re-opened
+
+    async def go():
+        async with Client(agents.target, identity) as c:
+            t = await c.submit("big.bin", agents.dest("big.bin"), rate=SLOW)
+            waiter = asyncio.create_task(c.wait(t.id))
+            await asyncio.sleep(0.5)
+            await asyncio.get_running_loop().run_in_executor(None, restart, agents.grpc.port)
+            return await asyncio.wait_for(waiter, 40)
+
+    t = asyncio.run(go())
+    assert t.state is JobState.DONE, t
+    assert (agents.b.root / "big.bin").read_bytes() == src.read_bytes()
