@@ -1,8 +1,8 @@
 """``dxa submit / status / watch / cancel / rate``: the CLI of an agent's TransferService (agent.Client).
 
 Kept apart from agent/cli/main.py, which only registers these commands (``add_commands``).
-Exit status: 0 ok (``submit --wait``: the transfer is done), 1 the transfer failed or was
-cancelled, 2 refused by the agent (unknown transfer, bad spec, wrong state, a rate the
+Exit status: 0 ok (``submit --wait``: the transfer is done), 1 the transfer failed (a
+submit the scheduler refused too) or was cancelled, 2 refused by the agent (unknown transfer, bad spec, wrong state, a rate the
 scheduler does not admit), 4 the agent
 cannot be reached or refused our certificate.
 """
@@ -29,15 +29,23 @@ def _rate_text(bps: int) -> str:
         return "unlimited"
     for unit, scale in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
         if bps >= scale:
-            return f"{bps / scale:g}{unit}"
+            return f"{bps / scale:.4g}{unit}"
     return str(bps)
+
+
+def _pace_text(t) -> str:
+    """The job's pacing rate; a deadline job's before the scheduler granted one says so."""
+    if not t.rate_bps and t.spec.deadline is not None:
+        return "deadline"
+    return _rate_text(t.rate_bps)
 
 
 def _line(t) -> str:
     pct = f"{100 * t.bytes_done / t.bytes_total:5.1f}%" if t.bytes_total else "    -"
     err = f"  ({t.error})" if t.error else ""
+    resv = f"  [{t.reservation_id}]" if t.reservation_id else ""
     return (f"{t.id:<6} {t.state.value:<12} {pct} {t.bytes_done:>14} B  files {t.files_done}/{t.files_total}  "
-            f"rate {_rate_text(t.rate_bps):<9} {t.spec.source} -> {t.spec.destination}{err}")
+            f"rate {_pace_text(t):<9} {t.spec.source} -> {t.spec.destination}{resv}{err}")
 
 
 def _print(args, transfers, *, many: bool = False) -> None:
@@ -119,7 +127,7 @@ def cmd_submit(args) -> int:
         if args.wait:
             t = await c.wait(t.id)
         _print(args, [t])
-        return _final_status(t) if args.wait else EXIT_OK
+        return _final_status(t) if args.wait or t.state.final else EXIT_OK
 
     return _run(args, go)
 
@@ -176,7 +184,7 @@ def _table(rows: list[tuple]) -> str:
         pct = f"{100 * t.bytes_done / t.bytes_total:5.1f}%" if t.bytes_total else "     -"
         size = f"{_human_bytes(t.bytes_done)}/{_human_bytes(t.bytes_total)}"
         cur = "-" if now is None or t.state.final else _rate_text(now) + "b/s" if now else "0"
-        out.append(f"{t.id:<6} {t.state.value:<12} {pct:>6} {size:>22} {cur:>10} {_rate_text(t.rate_bps):>9} "
+        out.append(f"{t.id:<6} {t.state.value:<12} {pct:>6} {size:>22} {cur:>10} {_pace_text(t):>9} "
                    f"{f'{t.files_done}/{t.files_total}':>9}  {t.spec.source} -> {t.spec.destination}"
                    + (f"  ({t.error})" if t.error else ""))
     return "\n".join(out)
@@ -246,7 +254,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                        description="Ask the agent at --agent to push SRC (a path under its --root) to DST "
                                    "(dxa://HOST:PORT/path of the destination agent): a third-party copy when "
                                    "this machine is neither. The job is kept by the agent (it survives a "
-                                   "restart of the agent) and resumes what the destination already has.")
+                                   "restart of the agent) and resumes what the destination already has. On an "
+                                   "agent that uses a scheduler, a job with --rate or --deadline answers once the "
+                                   "scheduler has admitted, queued (the reason is shown) or refused it (exit 1).")
     s.add_argument("source", metavar="SRC", help="path under the sending agent's root")
     s.add_argument("destination", metavar="dxa://HOST:PORT/path", help="where the sending agent pushes it")
     s.add_argument("-r", "--recursive", action="store_true", help="send a directory tree")
@@ -259,7 +269,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="higher is admitted first when transfers wait for the scheduler")
     s.add_argument("--window-start", dest="window_start", metavar="WHEN",
                    help="with --rate or --deadline, on an agent that uses a scheduler: start no earlier than "
-                        "WHEN (+SECONDS, Unix seconds or ISO 8601)")
+                        "WHEN (+SECONDS, Unix seconds or ISO 8601; an ISO time without an offset is local time)")
     s.add_argument("--window-end", dest="window_end", metavar="WHEN",
                    help="with --rate, on an agent that uses a scheduler: the reservation ends at WHEN; a job "
                         "not done by then is stopped and fails (its partial data stays resumable)")

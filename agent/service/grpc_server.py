@@ -60,8 +60,10 @@ class TransferServicer(convert.TransferServicerBase):
                                 trailing_metadata=(("dxa-error", type(exc).__name__),))
 
     async def SubmitTransfer(self, request, context):
-        return await self._call(context, lambda: convert.transfer_response(
-            "submit", self.manager.submit(*convert.submit_from_request(request))))
+        async def submit():  # a scheduled job answers once the scheduler has (admitted, queued, refused)
+            return convert.transfer_response(
+                "submit", await self.manager.submit_settled(*convert.submit_from_request(request)))
+        return await self._call(context, submit)
 
     async def GetTransfer(self, request, context):
         return await self._call(context, lambda: convert.transfer_response(

@@ -443,6 +443,21 @@ class JobManager:
         self._launch(t)
         return replace(t)
 
+    async def submit_settled(self, spec: TransferSpec, request_id: str = "", timeout: float = 10.0) -> Transfer:
+        """:meth:`submit`, then for a job that goes through the scheduler, wait (at most
+        ``timeout``) for the scheduler's first answer, so the caller learns at once whether it
+        was admitted, queued (the reason in ``error``) or refused (``failed``)."""
+        t = self.submit(spec, request_id)
+        if not self._scheduled(t) or t.state is not JobState.SUBMITTED:
+            return t
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            now = self._job(t.id)
+            if now.state is not JobState.SUBMITTED or now.reservation_id:
+                break
+            await asyncio.sleep(0.02)
+        return self.get(t.id)
+
     def get(self, transfer_id: str) -> Transfer:
         return replace(self._job(transfer_id))
 
@@ -738,6 +753,11 @@ class JobManager:
                         raise JobError(f"the scheduler refused the reservation ({decision.outcome.value}){when}")
                     r = decision.reservation
                     t.reservation_id = r.id
+                    if r.state is State.SUBMITTED:  # say why it waits, and until when at the earliest
+                        when = (f"; earliest start that would fit: "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(decision.earliest_start))}"
+                                if decision.earliest_start is not None else "")
+                        t.error = f"queued by the scheduler: reservation {r.id} waits for room on its path{when}"
                     self._save(t)
                     log.info("transfer %s: reservation %s %s (%s -> %s at %d bit/s)", t.id, r.id,
                              decision.outcome.value, link.name, dest_name, r.rate_bps)

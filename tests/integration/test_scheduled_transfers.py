@@ -695,3 +695,23 @@ def test_a_queued_window_that_can_no_longer_fit_fails_with_the_reason(small):
     late = s.on_a(go(), timeout=30)
     assert late.state is JobState.FAILED and "could not fit the transfer in its window" in late.error, late
     assert not (s.b.root / "late.bin").exists()
+
+
+def test_submit_settled_answers_with_the_schedulers_decision(small):
+    s = small
+    (s.a.root / "big.bin").write_bytes(os.urandom(2 << 20))
+    (s.a.root / "small.bin").write_bytes(os.urandom(100_000))
+
+    async def go():
+        m = s.manager
+        refused = await m.submit_settled(TransferSpec("big.bin", s.b.url("r.bin"), deadline=time.time() + 1))
+        hog = await m.submit_settled(TransferSpec("big.bin", s.b.url("hog.bin"), rate_bps=5 * M))
+        queued = await m.submit_settled(TransferSpec("small.bin", s.b.url("q.bin"), rate_bps=3 * M))
+        await m.cancel_and_wait(hog.id)
+        return refused, hog, queued, await m.wait(queued.id)
+
+    refused, hog, queued, done = s.on_a(go(), timeout=30)
+    assert refused.state is JobState.FAILED and "refused" in refused.error, refused
+    assert hog.state in (JobState.RESERVED, JobState.TRANSFERRING) and hog.reservation_id, hog
+    assert queued.state is JobState.SUBMITTED and "queued by the scheduler" in queued.error, queued
+    assert done.state is JobState.DONE and done.error == "", done  # admitted once hog let go
