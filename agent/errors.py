@@ -9,6 +9,7 @@ the CLI, not here: exceptions carry facts as attributes.
 from __future__ import annotations
 
 __all__ = [
+    "ListenError",
     "DxaError",
     "ConfigError",
     "ProtocolError",
@@ -67,6 +68,10 @@ class ClosedResourceError(DxaError):
 
 class BrokenConnectionError(DxaError):
     """The connection broke under us (reset, EOF mid-frame, timeout)."""
+
+
+class ListenError(DxaError):
+    """A daemon could not bind one of its listening addresses (data, gRPC, metrics)."""
 
 
 class StorageError(DxaError, OSError):

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import grpc
 
-from agent.errors import ConfigError, DxaError
+from agent import errors as agent_errors
+from agent.errors import ConfigError
 from agent.service.credentials import caller_name, server_credentials
 from agent.store.pki import Identity
 from controller_stub import convert
@@ -75,8 +76,8 @@ WATCH_BACKLOG = 10_000
 """Changes a WatchReservations stream may leave unread before it is cut off (bounded memory)."""
 
 
-class ListenError(DxaError):
-    """The server could not bind its listening address."""
+class ListenError(agent_errors.ListenError):
+    """The scheduler could not bind its listening address."""
 
 
 def describe_error(exc: LedgerError) -> str:

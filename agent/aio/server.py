@@ -24,7 +24,7 @@ from agent.aio.session import ReceiverSession, SenderSession
 from agent.aio.tls import peer_identity, server_context
 from agent.config import ServerConfig
 from agent.core import ReceiverCore, SenderCore
-from agent.errors import ConfigError, DxaError, PathError, RemoteProtocolError
+from agent.errors import ConfigError, DxaError, ListenError, PathError, RemoteProtocolError
 from agent.store.journal import Journal
 from agent.store.pki import Identity
 from agent.wire._seal import CIPHERS
@@ -88,7 +88,13 @@ class Server:
         os.makedirs(self.config.root, exist_ok=True)
         SafeRoot(self.config.root).close()
         self.journal = Journal(self.config.journal_path)  # one per daemon, shared by its sessions
-        sock = socket.create_server((self.config.host, self.config.port), reuse_port=False, backlog=256)
+        try:
+            sock = socket.create_server((self.config.host, self.config.port), reuse_port=False, backlog=256)
+        except OSError as exc:
+            self.journal.close()
+            self.journal = None
+            raise ListenError(f"cannot listen on {self.config.host}:{self.config.port}: "
+                              f"{exc.strerror or exc}") from None
         sock.setblocking(False)
         self._sock = sock
         self.port = sock.getsockname()[1]
@@ -105,9 +111,12 @@ class Server:
         try:
             host, port = parse_listen(self.config.metrics)
             metrics.start(host, port)
-        except (OSError, ConfigError) as exc:
+        except ConfigError:
             await self.close()
-            raise ConfigError(f"cannot serve metrics on {self.config.metrics!r}: {exc}") from None
+            raise
+        except OSError as exc:
+            await self.close()
+            raise ListenError(f"cannot serve metrics on {self.config.metrics}: {exc.strerror or exc}") from None
         self.metrics = metrics
         log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.metrics.port)
 

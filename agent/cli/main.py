@@ -24,6 +24,7 @@ from agent.errors import (
     ConfigError,
     DiskFullError,
     DxaError,
+    ListenError,
     PathError,
     TransferError,
 )
@@ -638,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", 0) < 2:  # gRPC's C core logs to stderr on its own; our messages say it
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if args.command == "cp" and len(args.paths) < 2:
         parser.error("cp needs at least one source and a destination")
     try:
@@ -654,6 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     except DiskFullError as exc:
         print(f"dxa: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_STORAGE
+    except ListenError as exc:
+        print(f"dxa: {exc}", file=sys.stderr)
+        return EXIT_NETWORK
     except (BrokenConnectionError, ConnectionError) as exc:
         print(f"dxa: network failure: {exc}; re-run the same command to resume", file=sys.stderr)
         return EXIT_NETWORK

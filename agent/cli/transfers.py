@@ -70,7 +70,12 @@ def run_grpc(where: str, make_client, coro_fn) -> int:
     try:
         return asyncio.run(main())
     except GrpcCallError as exc:
-        print(f"dxa: {where}: {exc}", file=sys.stderr)
+        hint = ""
+        if exc.code is grpc.StatusCode.UNAVAILABLE and any(
+                w in exc.details for w in ("Socket closed", "handshake", "Handshake", "ALPN", "ssl", "SSL")):
+            hint = (" (the TLS handshake failed: is this node's certificate signed by the same CA and still "
+                    "valid, and is HOST:PORT the service's gRPC port?)")
+        print(f"dxa: {where}: {exc}{hint}", file=sys.stderr)
         if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return EXIT_NETWORK
         if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from agent.errors import DxaError
+from agent.errors import ListenError
 from agent.service import convert
 from agent.service.credentials import caller_name, server_credentials
 from agent.service.transfers import JobError, JobManager
@@ -30,7 +30,7 @@ __all__ = ["GrpcListenError", "TransferServer", "TransferServicer"]
 log = logging.getLogger(__name__)
 
 
-class GrpcListenError(DxaError):
+class GrpcListenError(ListenError):
     """The gRPC server could not bind its address."""
 
 
