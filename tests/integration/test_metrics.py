@@ -218,3 +218,26 @@ def test_daemon_reads_metrics_from_the_config_file(tmp_path, home, daemon_factor
         assert time.monotonic() < deadline, d.log_path.read_text()
         time.sleep(0.05)
     assert scrape(int(m.group(1)))[("dxa_active_transfers", ())] == 0
+
+
+def test_an_address_in_use_is_a_listen_error(tmp_path, identity):
+    import socket
+
+    from agent.aio.server import Server
+    from agent.errors import ListenError
+    from agent.service.grpc_server import GrpcListenError
+
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+
+    async def main():
+        for kw in ({"port": port}, {"metrics": f"127.0.0.1:{port}"}):
+            s = Server(ServerConfig.for_test(str(tmp_path / "r"), **kw), identity)
+            with pytest.raises(ListenError, match="in use"):
+                await s.start()
+
+    try:
+        asyncio.run(main())
+    finally:
+        busy.close()
+    assert issubclass(GrpcListenError, ListenError)  # dxa serve exits 4 on each of them
