@@ -46,7 +46,11 @@ def parse_rate(text: str | int) -> int:
     """'200M', '1.5G', '800k', '100000' → bits per second (decimal multiples, like rsync/FDT)."""
     if isinstance(text, int):
         return text
-    value = _quantity(text, text.strip().lower().removesuffix("bps").removesuffix("bit/s").removesuffix("b"),
+    raw = text.strip()
+    if raw.endswith(("B", "B/s", "Bps")) and not raw.endswith("bps"):  # bytes: ambiguous, say so
+        raise ConfigError(f"rate {text!r}: rates are bits per second (200M, 1.5G); for bytes per second "
+                          f"multiply by 8 (20MB/s = 160M)")
+    value = _quantity(text, raw.lower().removesuffix("bps").removesuffix("bit/s").removesuffix("b"),
                       (("k", 10**3), ("m", 10**6), ("g", 10**9)), "rate", "200M, 1.5G, 800k bits per second")
     if not math.isfinite(value):
         raise ConfigError(f"not a finite rate: {text!r}")

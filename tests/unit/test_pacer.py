@@ -271,3 +271,11 @@ def test_invalid_reservations_are_refused(bad):
 def test_parse_rate_refuses_what_the_pacer_cannot_use(bad):
     with pytest.raises(ConfigError):
         parse_rate(bad)
+
+
+def test_parse_rate_reads_bits_and_refuses_bytes():
+    assert [parse_rate(t) for t in ("200M", "1.5G", "1Gbps", "20Mb", "800k", "100")] == [
+        200_000_000, 1_500_000_000, 10**9, 20_000_000, 800_000, 100]
+    for ambiguous in ("20MB", "20MB/s", "100MBps", "1GB"):  # bytes: refused with the conversion
+        with pytest.raises(ConfigError, match="multiply by 8"):
+            parse_rate(ambiguous)
