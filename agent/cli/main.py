@@ -220,12 +220,11 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
     config = ServerConfig(root=root, host=host.strip("[]"), port=int(port),
                           state_dir=s.state_dir or "", fsync=s.fsync, metrics=s.metrics or "")
+    controller = _controller_settings(s)
     identity = _identity(args)
     _raise_fd_limit()
     log = logging.getLogger("agent.serve")
     log.info("dxa %s, node %s, native code: %s", __version__, identity.name, IMPLEMENTATION)
-
-    controller = _controller_settings(s)
 
     async def main() -> None:
         server = Server(config, identity)
@@ -257,6 +256,9 @@ def _controller_settings(s: argparse.Namespace) -> tuple[str, str, int] | None:
 
     target = s.controller
     if not target:
+        if s.site or s.capacity:  # they mean something only to a scheduler
+            raise ConfigError("--site and --capacity (site, capacity in [serve]) describe this agent to a "
+                              "scheduler: give --controller HOST:PORT too, or drop them")
         return None
     host, _, port = str(target).rpartition(":")
     if not host or not port.isdigit():

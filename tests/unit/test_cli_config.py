@@ -216,3 +216,8 @@ def test_dxa_init_takes_the_node_name_from_the_file(home, capsys):
     assert json.loads(capsys.readouterr().out)["name"] == "gw9"
     assert main(["init", "--json", "--home", str(home / "other"), "--name", "gw10"]) == 0  # no config.toml there
     assert json.loads(capsys.readouterr().out)["name"] == "gw10"
+
+
+def test_site_or_capacity_without_a_controller_is_an_error(home, tmp_path, capsys):
+    assert main(["serve", "--root", str(tmp_path / "r"), "--site", "geneva"]) == 2
+    assert "--controller" in capsys.readouterr().err
