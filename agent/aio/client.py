@@ -3,6 +3,10 @@
 Opens the TLS control connection, says HELLO with a fresh per-session key, joins N
 data connections, then runs the sender or receiver driver.  Data connections that
 break are re-opened with bounded retries and backoff (a new epoch each time).
+
+``copy(..., metrics=...)`` reports the copy's session to a daemon's metrics (a
+:class:`SessionObserver` such as ``agent.service.metrics.ServerMetrics``) for as long as
+it runs, as the Server does for the sessions it serves.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from agent.aio.bench import BenchResult, BenchSender
@@ -21,10 +26,17 @@ from agent.aio.pacing import SharedPacer
 from agent.aio.net import tune_data_socket
 from agent.aio.pumps import SourceReader, recv_exactly
 from agent.aio.session import Progress, ReceiverSession, SenderSession, SessionStats
-from agent.aio.tls import client_context
+from agent.aio.tls import client_context, peer_identity
 from agent.config import TransferOptions
 from agent.core import ReceiverCore, SenderCore
-from agent.errors import AuthenticationError, BrokenConnectionError, ConfigError, RemoteProtocolError, TransferError
+from agent.errors import (
+    AuthenticationError,
+    BrokenConnectionError,
+    ConfigError,
+    DxaError,
+    RemoteProtocolError,
+    TransferError,
+)
 from agent.store.journal import Journal
 from agent.store.pki import Identity
 from agent.store.receiving import ReceiverStore
@@ -50,9 +62,18 @@ from agent.wire import (
     join_mac,
 )
 
-__all__ = ["Remote", "parse_remote", "copy", "bench", "CopyResult"]
+__all__ = ["Remote", "parse_remote", "copy", "bench", "CopyResult", "SessionObserver"]
 
 log = logging.getLogger(__name__)
+
+
+class SessionObserver(Protocol):
+    """What ``copy(metrics=...)`` reports to (``agent.service.metrics.ServerMetrics`` is one);
+    called on the event loop that runs the copy."""
+
+    def session_started(self, sid: str, mode: str, peer: str, driver) -> None: ...
+
+    def session_ended(self, sid: str, outcome: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -186,25 +207,59 @@ class _Connection:
 
 async def copy(sources: list[str], dest: str, *, identity: Identity, options: TransferOptions | None = None,
                progress: Progress | None = None, journal_path: str | None = None,
-               pacer: SharedPacer | None = None) -> CopyResult:
+               pacer: SharedPacer | None = None, metrics: SessionObserver | None = None,
+               metrics_label: str = "") -> CopyResult:
     """Copy local sources to ``dxa://`` (push) or one ``dxa://`` source to a local path (pull).
 
     ``options.rate`` paces either direction (a pull through HELLO: the server paces).
     ``pacer``: a push paced by this SharedPacer, whose ``set_rate`` the caller may call
     at any time, from any thread, to change the rate mid-flight (it starts at
-    ``options.rate`` if that is set, else at the pacer's own rate)."""
+    ``options.rate`` if that is set, else at the pacer's own rate).
+    ``progress.bytes_moved`` counts bytes as they move (for a current rate);
+    ``progress.bytes_done`` the verified ones.
+    ``metrics``: the session is reported to it from the moment its data connections are
+    open until it ends (``session_started`` with mode ``send`` for a push, ``fetch`` for a
+    pull, the peer's certificate name and the session driver; ``session_ended`` with
+    ``ok``, ``incomplete`` or ``failed``), under ``metrics_label`` (e.g. the job's id; it
+    must be unique among the observer's live sessions) or else ``MODE-SESSIONID``."""
     opts = options or TransferOptions()
     if not sources:
         raise ConfigError("nothing to copy")
+    observe = _Observe(metrics, metrics_label)
     remote_src = [s for s in sources if is_remote(s)]
     if is_remote(dest) and not remote_src:
-        return await _push(sources, parse_remote(dest), identity, opts, progress, pacer)
+        return await _push(sources, parse_remote(dest), identity, opts, progress, pacer, observe)
     if pacer is not None:
         raise ConfigError("a pacer paces pushes only; a pull is paced by the server at options.rate")
     if not is_remote(dest) and len(remote_src) == len(sources) == 1:
-        return await _pull(parse_remote(sources[0]), dest, identity, opts, progress, journal_path)
+        return await _pull(parse_remote(sources[0]), dest, identity, opts, progress, journal_path, observe)
     raise ConfigError("exactly one side must be remote: dxa cp LOCAL... dxa://HOST:PORT/DIR, "
                       "or dxa cp dxa://HOST:PORT/PATH LOCAL")
+
+
+class _Observe:
+    """Runs a session driver, reporting it to a SessionObserver (when there is one) while it runs."""
+
+    def __init__(self, observer: SessionObserver | None, label: str) -> None:
+        self.observer = observer
+        self.label = label
+
+    async def run(self, driver, conn: _Connection, mode: str) -> SessionStats:
+        if self.observer is None:
+            return await driver.run()
+        sid = self.label or f"{mode}-{conn.session_id.hex()}"
+        try:
+            peer = peer_identity(conn.ctrl.peer_cert())
+        except DxaError:  # cannot happen after a verified handshake; still, never fail a copy for a label
+            peer = conn.welcome.server if conn.welcome is not None and conn.welcome.server else conn.remote.host
+        self.observer.session_started(sid, mode, peer, driver)
+        outcome = "failed"
+        try:
+            stats = await driver.run()
+            outcome = "ok" if not stats.files_failed and not stats.errors else "incomplete"
+            return stats
+        finally:
+            self.observer.session_ended(sid, outcome)
 
 
 def _result(direction: str, stats: SessionStats, seconds: float, opts: TransferOptions, warnings: list[str],
@@ -227,7 +282,8 @@ async def _open_streams(conn: _Connection, n: int) -> list[socket.socket]:
 
 
 async def _push(sources: list[str], remote: Remote, identity: Identity, opts: TransferOptions,
-                progress: Progress | None, pacer: SharedPacer | None = None) -> CopyResult:
+                progress: Progress | None, pacer: SharedPacer | None = None,
+                observe: _Observe | None = None) -> CopyResult:
     t0 = time.monotonic()
     if len(sources) == 1 and not remote.trailing_slash and remote.path:
         base, _, name = remote.path.rpartition("/")
@@ -250,14 +306,14 @@ async def _push(sources: list[str], remote: Remote, identity: Identity, opts: Tr
                                rate=opts.rate, pacer=pacer)
         for i, s in enumerate(socks):
             sender.add_stream(i, s)
-        stats = await sender.run()
+        stats = await (observe or _Observe(None, "")).run(sender, conn, "send")
     finally:
         await conn.close()
     return _result("push", stats, time.monotonic() - t0, opts, tree.warnings, welcome.streams)
 
 
 async def _pull(remote: Remote, dest: str, identity: Identity, opts: TransferOptions, progress: Progress | None,
-                journal_path: str | None) -> CopyResult:
+                journal_path: str | None, observe: _Observe | None = None) -> CopyResult:
     t0 = time.monotonic()
     dest = os.path.abspath(dest)
     if os.path.isdir(dest) and not os.path.islink(dest):
@@ -280,7 +336,7 @@ async def _pull(remote: Remote, dest: str, identity: Identity, opts: TransferOpt
                                    progress=progress, reconnect=conn.join)
         for i, s in enumerate(socks):
             receiver.add_stream(i, s)
-        stats = await receiver.run()
+        stats = await (observe or _Observe(None, "")).run(receiver, conn, "fetch")
     finally:
         await conn.close()
         if journal is not None:

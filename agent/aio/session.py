@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 from agent.aio.control import ControlChannel
 from agent.aio.pacing import SharedPacer
-from agent.aio.pumps import ReceivePump, SendPump, SourceReader, tcp_bytes_acked
+from agent.aio.pumps import ReceivePump, SendPump, SourceReader, WireMeter, tcp_bytes_acked
 from agent.core import ChunkRetried, FileCompleted, FileFailed, ReceiverCore, SenderCore
 from agent.core import StreamStalled
 from agent.errors import BrokenConnectionError, DxaError, IntegrityError, TransferError
@@ -38,9 +38,19 @@ class Progress:
 
     bytes_total: int = 0
     bytes_done: int = 0
+    """Bytes verified at the destination (or found there already): moves a chunk at a time."""
     files_total: int = 0
     files_done: int = 0
     started: float = field(default_factory=time.monotonic)
+    wire: WireMeter = field(default_factory=WireMeter, repr=False, compare=False)
+    """What the session's pumps count into as bytes move (the driver uses this meter)."""
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes sent or received on the data connections so far, counted per system call as they
+        move (frame overhead, partial frames and resends included).  The source for a current
+        rate: sample it and divide by the time between samples.  Not verified; see ``bytes_done``."""
+        return self.wire.total
 
 
 @dataclass
@@ -66,6 +76,7 @@ class _Driver:
         self.ctrl = ctrl
         self.loop = asyncio.get_running_loop()
         self.progress = progress or Progress()
+        self.wire = self.progress.wire  # bytes as they move, for rates (metrics, job progress)
         self.stats = SessionStats()
         self._reconnect = reconnect
         self._epochs: dict[int, int] = {}
@@ -170,7 +181,7 @@ class SenderSession(_Driver):
             self._retire(old, "replaced by a new connection")
         self.pacer.attach(sock)
         pump = SendPump(stream, sock, self.reader, self.sealer, self.compress, self._post, self._on_result,
-                        pacer=self.pacer)
+                        pacer=self.pacer, cell=self.wire.cell())
         self.pumps[stream] = pump
         pump.start()
         self._pump()
@@ -332,7 +343,7 @@ class ReceiverSession(_Driver):
             except OSError:
                 pass
         pump = ReceivePump(stream, sock, self.opener, self.core.check_header, self.store.write_chunk,
-                           self.max_frame, self._post, self._on_result)
+                           self.max_frame, self._post, self._on_result, cell=self.wire.cell())
         self.pumps[stream] = pump
         pump.start()
 

@@ -2,10 +2,18 @@
 
 Each Server owns one :class:`ServerMetrics` with a private ``CollectorRegistry`` (no
 global state: several servers may run in one process) and its own HTTP endpoint.
+It counts the sessions the daemon serves (the Server calls :meth:`ServerMetrics.session_started`
+and ``session_ended``: modes ``push``, ``pull``, ``bench``) and the copies it runs itself
+when they are handed the same object (``agent.aio.client.copy(..., metrics=...)``, which the
+daemon's transfer jobs do: modes ``send`` for a push, ``fetch`` for a pull).
 Values are read at scrape time from the live sessions' ``SessionStats`` plus what
 finished sessions left behind, so counters need no hooks in the data path.  A
 sampler task on the server's event loop refreshes, once per ``interval``, the rate of
-each transfer and the RTT and retransmits of its data sockets (``TCP_INFO``).
+each transfer and the RTT and retransmits of its data sockets (``TCP_INFO``).  The rate
+comes from the session's :class:`~agent.aio.pumps.WireMeter`, which the pumps advance per
+``send``/``recv`` system call, so it reads the real rate every interval even when one chunk
+takes many intervals to cross; the byte counters move a chunk at a time (they count a
+chunk's payload once it is sent or verified, and never go back).
 
 Exposed (all prefixed ``dxa_``):
 
@@ -54,7 +62,9 @@ TCP_INFO_LEN = 232
 _TCP_INFO = struct.Struct("=8B24I")
 _RTT, _RTTVAR, _TOTAL_RETRANS = 8 + 15, 8 + 16, 8 + 23
 
-DIRECTIONS = {"push": "received", "bench": "received", "pull": "sent"}
+DIRECTIONS = {"push": "received", "bench": "received", "pull": "sent", "send": "sent", "fetch": "received"}
+"""Mode of a session → the direction of its bytes: served sessions (``push``, ``pull``, ``bench``)
+and this agent's own copies (``send``: it pushes, ``fetch``: it pulls)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,14 @@ def _live_counts(driver) -> tuple[int, int, int]:
     return s.files_ok, s.files_failed, s.chunks_retried
 
 
+def _moved(driver) -> int:
+    """Wire bytes the session moved so far, for its rate: its pumps' per-syscall count, or (a
+    driver whose pumps count into no meter, e.g. a bench receiver) its per-chunk count."""
+    wire = getattr(driver, "wire", None)
+    moved = wire.total if wire is not None else 0
+    return moved or driver.stats.bytes_wire
+
+
 def _sockets(driver) -> list[socket.socket]:
     return [p.sock for p in list(getattr(driver, "pumps", {}).values()) if getattr(p, "sock", None) is not None]
 
@@ -192,8 +210,11 @@ class ServerMetrics(SampledCollector):
         self._peers: dict[str, _Peer] = {}
         super().__init__(interval)
 
-    # -- hooks called by the Server ---------------------------------------------
+    # -- hooks called by the Server and by copy(metrics=...) -----------------------
     def session_started(self, sid: str, mode: str, peer: str, driver) -> None:
+        """A session runs from now on: ``sid`` unique among live sessions, ``mode`` a key of
+        DIRECTIONS, ``peer`` the other agent's certificate name, ``driver`` its session driver
+        (``stats``, ``wire``, ``pumps``).  Called on the sampler's event loop."""
         with self._lock:
             self._live[sid] = _Live(mode, peer, driver)
             self._peers.setdefault(peer, _Peer())
@@ -234,7 +255,7 @@ class ServerMetrics(SampledCollector):
         retrans: dict[str, int] = {}
         current: dict[str, dict] = {}
         for s in live:
-            b = s.driver.stats.bytes_wire
+            b = _moved(s.driver)
             dt = now - s.last_t
             if dt >= self.interval / 2:  # a session that just started waits a whole interval for its rate
                 s.rate = max(0, b - s.last_bytes) / dt

@@ -1,8 +1,10 @@
-"""Prometheus metrics of ``dxa serve --metrics``: a scrape after a real copy; the TCP_INFO parser."""
+"""Prometheus metrics of ``dxa serve --metrics``: a scrape after a real copy; the sending agent's own
+copies (``copy(metrics=...)``); rates that follow a paced copy every second; the TCP_INFO parser."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import time
@@ -12,10 +14,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.aio.client import copy
+from agent.aio.session import Progress
 from agent.config import ServerConfig, TransferOptions
 from agent.errors import ConfigError
 from agent.service.metrics import (
     TCP_INFO_LEN,
+    ServerMetrics,
     parse_listen,
     parse_tcp_info,
     read_tcp_info,
@@ -126,6 +130,105 @@ def test_live_transfer_shows_rate_rtt_and_active(tmp_path, metrics_server, ident
     assert end[("dxa_active_transfers", ())] == 0
     assert end[("dxa_files_completed_total", ())] == 8
     assert end[("dxa_bytes_total", (("direction", "received"),))] == res.bytes_sent
+
+
+def test_sending_agent_counts_its_own_copies(tmp_path, identity):
+    """A daemon's own copy (what its transfer jobs run: ``copy(..., metrics=its ServerMetrics)``, on
+    its event loop) shows on its /metrics: sent bytes, an active ``send`` transfer with a rate while
+    it runs, the RTT of the destination's data sockets; and a finished ``send`` transfer after."""
+    sender = InProcessServer(tmp_path / "a", identity, metrics="127.0.0.1:0")
+    dest = InProcessServer(tmp_path / "b", identity)
+    try:
+        metrics = sender.server.metrics
+        metrics.interval = 0.2
+        port = metrics.port
+        (tmp_path / "src").mkdir()
+        (tmp_path / "src" / "f.bin").write_bytes(b"s" * 4_000_000)
+        opts = TransferOptions.for_test(rate=8 * 1_500_000, compress="off", streams=4, chunk_size=1 << 20)  # ~2.7 s
+        job = asyncio.run_coroutine_threadsafe(
+            copy([str(tmp_path / "src" / "f.bin")], dest.url("f.bin"), identity=identity, options=opts,
+                 metrics=metrics, metrics_label="t1"), sender.loop)
+        rate_key = ("dxa_transfer_rate_bytes_per_second", (("mode", "send"), ("peer", "node-a"), ("session", "t1")))
+        seen = m = None
+        deadline = time.monotonic() + 30
+        while not job.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+            m = scrape(port)
+            if m.get(rate_key, 0) > 0 and ("dxa_peer_rtt_seconds", (("peer", "node-a"),)) in m \
+                    and m[("dxa_bytes_total", (("direction", "sent"),))] > 0:
+                seen = m
+                break
+        res = job.result(60)
+        assert res.verified
+        assert seen is not None, f"never saw the running copy with a rate, sent bytes and an RTT: {m}"
+        assert seen[("dxa_active_transfers", ())] == 1
+        assert 0 < seen[rate_key] < 50_000_000
+        assert 0 < seen[("dxa_peer_rtt_seconds", (("peer", "node-a"),))] < 1.0
+        assert 0 < seen[("dxa_bytes_total", (("direction", "sent"),))] < res.bytes_sent
+        assert seen[("dxa_bytes_total", (("direction", "received"),))] == 0
+        end = settled(port, "send")
+        assert end[("dxa_bytes_total", (("direction", "sent"),))] == res.bytes_sent >= 4_000_000
+        assert end[("dxa_bytes_total", (("direction", "received"),))] == 0
+        assert end[("dxa_files_completed_total", ())] == res.files_ok == 1
+        assert ("dxa_peer_retransmits_total", (("peer", "node-a"),)) in end
+        assert rate_key not in end
+    finally:
+        dest.close()
+        sender.close()
+
+
+def _rates(metrics: ServerMetrics) -> dict[str, float]:
+    """Sample now; the per-transfer rate gauges by mode."""
+    metrics.sample()
+    return {s.labels["mode"]: s.value for fam in metrics.collect() for s in fam.samples
+            if s.name == "dxa_transfer_rate_bytes_per_second"}
+
+
+def test_rate_follows_a_paced_copy_every_second(tmp_path, identity):
+    """8 Mbit/s over 4 streams in 1 MiB chunks: a chunk takes ~4 s to cross, yet the sender's and
+    the receiver's rate gauges and the copy's ``Progress.bytes_moved`` read about the pace on each
+    1-s sample (they count bytes per send/recv, not per chunk).  Samples are taken by hand, and
+    judged loosely (most middle samples within 20%, none zero) for a loaded CI machine."""
+    pace = 1_000_000  # bytes/s
+    dest = InProcessServer(tmp_path / "b", identity)
+    dest.server.metrics = received = ServerMetrics()  # hooks only: no endpoint, no sampler task
+    sent = ServerMetrics()
+    (tmp_path / "f.bin").write_bytes(os.urandom(6 << 20))
+    opts = TransferOptions.for_test(rate=8 * pace, compress="off", streams=4, chunk_size=1 << 20)
+    progress = Progress()
+
+    async def main():
+        task = asyncio.create_task(copy([str(tmp_path / "f.bin")], dest.url("f.bin"), identity=identity,
+                                        options=opts, progress=progress, metrics=sent))
+        samples = []
+        last_t, last_moved = time.monotonic(), 0
+        while not task.done():
+            await asyncio.wait([task], timeout=1.0)
+            if task.done():
+                break
+            now, moved = time.monotonic(), progress.bytes_moved
+            b_rates = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_sample(received), dest.loop))
+            samples.append((_rates(sent).get("send", 0.0), b_rates.get("push", 0.0),
+                            (moved - last_moved) / (now - last_t), progress.bytes_done))
+            last_t, last_moved = now, moved
+        return await task, samples
+
+    async def _sample(m):
+        return _rates(m)
+
+    try:
+        res, samples = asyncio.run(main())
+    finally:
+        dest.close()
+    assert res.verified and res.bytes_sent >= 6 << 20
+    middle = samples[1:-1]  # the first and the last interval are partly idle
+    assert len(middle) >= 3, samples
+    for i, name in enumerate(("sender gauge", "receiver gauge", "progress.bytes_moved")):
+        values = [s[i] for s in middle]
+        near = [v for v in values if 0.8 * pace <= v <= 1.2 * pace]
+        assert all(v > 0 for v in values), f"{name}: a 1-s sample read 0: {values}"
+        assert len(near) * 2 > len(values), f"{name}: most 1-s samples should be within 20% of {pace}: {values}"
+    assert progress.bytes_done == res.bytes_total  # verified bytes keep their meaning
 
 
 def test_two_servers_have_separate_registries(tmp_path, identity):
