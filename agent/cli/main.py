@@ -232,7 +232,7 @@ def cmd_serve(args) -> int:
         link = await _start_scheduler_link(controller, identity, f"{config.host}:{server.port}")
         try:
             # --grpc: the TransferService (or None)
-            transfers = await _start_transfers(s, config, identity, link)
+            transfers = await _start_transfers(s, config, identity, link, server.metrics)
         except BaseException:
             if link is not None:
                 await link.close()
@@ -284,7 +284,7 @@ async def _start_scheduler_link(controller, identity, address: str):
     return link
 
 
-async def _start_transfers(s: argparse.Namespace, config, identity, link=None):
+async def _start_transfers(s: argparse.Namespace, config, identity, link=None, metrics=None):
     """``dxa serve --grpc``: the TransferService and its jobs, next to the data port, on the same loop."""
     from agent.service.grpc_server import start_daemon_service
 
@@ -292,7 +292,8 @@ async def _start_transfers(s: argparse.Namespace, config, identity, link=None):
     if not listen:
         return None
     db = os.path.join(os.path.dirname(config.journal_path), "transfers.sqlite")
-    service = await start_daemon_service(listen, config.root, db, identity, scheduler=link, clients=s.clients or None)
+    service = await start_daemon_service(listen, config.root, db, identity, scheduler=link, clients=s.clients or None,
+                                         metrics=metrics)
     _write_port_file(s.grpc_port_file, service[0].port)
     return service
 

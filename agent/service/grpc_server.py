@@ -132,7 +132,8 @@ class TransferServer:
 
 
 async def start_daemon_service(listen: str, root: str, db_path: str, identity: Identity, *, scheduler=None,
-                               clients: Iterable[str] | None = None) -> tuple[TransferServer, JobManager]:
+                               clients: Iterable[str] | None = None, metrics=None
+                               ) -> tuple[TransferServer, JobManager]:
     """What ``dxa serve --grpc HOST:PORT`` starts next to the data port: the jobs of ``db_path``
     (unfinished ones resume) and the gRPC server.  Stop with :func:`stop_daemon_service`."""
     from agent.errors import ConfigError
@@ -140,7 +141,7 @@ async def start_daemon_service(listen: str, root: str, db_path: str, identity: I
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--grpc wants HOST:PORT, got {listen!r}")
-    manager = JobManager(root, db_path, identity, scheduler=scheduler)
+    manager = JobManager(root, db_path, identity, scheduler=scheduler, metrics=metrics)
     await manager.start()
     server = TransferServer(manager, identity, host.strip("[]"), int(port), clients=clients)
     try:

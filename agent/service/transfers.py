@@ -358,8 +358,10 @@ class JobManager:
     def __init__(self, root: str, db_path: str, identity: Identity, *, options: TransferOptions | None = None,
                  attempts: int = 3, retry_delay: float = 0.5, retry_window: float = 600.0,
                  progress_interval: float = 0.5,
-                 scheduler: SchedulerLink | None = None, poll_interval: float = 0.5) -> None:
+                 scheduler: SchedulerLink | None = None, poll_interval: float = 0.5, metrics=None) -> None:
         self.scheduler = scheduler
+        self.metrics = metrics
+        """The daemon's ServerMetrics (``dxa serve --metrics``): each job's copy is counted there."""
         self.poll_interval = poll_interval
         self.root = root
         self.db_path = db_path
@@ -870,7 +872,8 @@ class JobManager:
             network = False
             try:
                 result: CopyResult = await copy([source], t.spec.destination, identity=self.identity, options=opts,
-                                                progress=run.progress, pacer=run.pacer)
+                                                progress=run.progress, pacer=run.pacer, metrics=self.metrics,
+                                                metrics_label=f"job-{t.id}")
             except (BrokenConnectionError, ConnectionError, OSError) as exc:
                 error, network = str(exc) or type(exc).__name__, True
                 t.bytes_done = max(t.bytes_done, run.progress.bytes_done)
@@ -908,7 +911,7 @@ class JobManager:
 
     async def _report(self, t: Transfer, run: _Running) -> None:
         """Every ``progress_interval``: copy the copy's progress into the job, announce it, save it."""
-        last_t, last_b = time.monotonic(), None
+        last_t, last_b, last_p = time.monotonic(), None, None
         last_save = 0.0
         while True:
             await asyncio.sleep(self.progress_interval)
@@ -917,9 +920,12 @@ class JobManager:
                 continue
             t.bytes_total, t.bytes_done = p.bytes_total, p.bytes_done
             t.files_total, t.files_done = p.files_total, p.files_done
-            now = time.monotonic()
-            rate = 0 if last_b is None else max(0, int((p.bytes_done - last_b) * 8 / max(now - last_t, 1e-3)))
-            last_t, last_b = now, p.bytes_done
+            # The current rate from the bytes on the wire as they move (not only whole verified
+            # chunks, which at a low rate arrive seconds apart); a new attempt starts a new count.
+            now, moved = time.monotonic(), p.bytes_moved
+            rate = (0 if last_b is None or last_p is not p else
+                    max(0, int((moved - last_b) * 8 / max(now - last_t, 1e-3))))
+            last_t, last_b, last_p = now, moved, p
             self._emit(t.id, self._progressed(t, time.time(), rate))
             if now - last_save >= 1.0:
                 last_save = now

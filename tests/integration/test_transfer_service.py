@@ -434,3 +434,42 @@ def test_waiting_for_a_job_outlives_a_restart_of_its_agent(agents, identity):
     t = asyncio.run(go())
     assert t.state is JobState.DONE, t
     assert (agents.b.root / "big.bin").read_bytes() == src.read_bytes()
+
+
+def test_a_paced_job_reports_its_rate_as_bytes_move_and_the_daemons_metrics_count_it(tmp_path, identity):
+    """At 4 Mbit/s with 64 KiB chunks over 2 streams, verified chunks arrive in bursts; the
+    job's current rate must follow the bytes on the wire, and the sending daemon's
+    Prometheus metrics must count its own job."""
+    from agent.service.metrics import ServerMetrics
+
+    b = InProcessServer(tmp_path / "root-b", identity)
+    (tmp_path / "root-a").mkdir()
+    (tmp_path / "root-a" / "f.bin").write_bytes(os.urandom(1_500_000))  # 3 s at 4 Mbit/s
+
+    async def go():
+        metrics = ServerMetrics()
+        m = JobManager(str(tmp_path / "root-a"), str(tmp_path / "t.sqlite"), identity, options=OPTS,
+                       progress_interval=0.5, metrics=metrics)
+        await m.start()
+        try:
+            t = m.submit(TransferSpec("f.bin", b.url("f.bin"), rate_bps=SLOW))
+            rates, live = [], []
+            async for ev in m.watch(t.id):
+                if isinstance(ev, Progressed) and ev.current_rate_bps:
+                    rates.append(ev.current_rate_bps)
+                    if not live:
+                        live = [(f.name, s.labels, s.value) for f in metrics.collect() for s in f.samples]
+            return await m.wait(t.id), rates, live, list(metrics.collect())
+        finally:
+            await m.close()
+
+    try:
+        t, rates, live, after = run(go())
+    finally:
+        b.close()
+    assert t.state is JobState.DONE, t
+    middle = sorted(rates)[len(rates) // 4: -len(rates) // 4 or None]  # drop the ramp and the tail
+    assert middle and all(0.5 * SLOW < r < 1.5 * SLOW for r in middle), rates
+    assert any(name == "dxa_active_transfers" and value == 1 for name, _labels, value in live), live
+    sent = {s.labels.get("direction"): s.value for f in after if f.name == "dxa_bytes" for s in f.samples}
+    assert sent.get("sent", 0) >= 1_500_000, sent
