@@ -127,7 +127,7 @@ class _CountingSocket:
     most that long, partly done, or with EAGAIN when nothing could be queued).  What a
     SendPump sends through, and what SharedPacer.sendall calls for each slice it paid for."""
 
-    __slots__ = ("_send", "_cell")
+    __slots__ = ("_cell", "_send")
 
     def __init__(self, sock: socket.socket, cell: WireCell) -> None:
         _set_send_step(sock)
