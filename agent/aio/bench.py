@@ -40,7 +40,8 @@ class BenchReceiver(_Driver):
             raise RemoteProtocolError("bench frame too large")
 
     def add_stream(self, stream: int, sock: socket.socket) -> None:
-        pump = ReceivePump(stream, sock, self.opener, self._check, None, self.max_frame, self._post, self._on_result)
+        pump = ReceivePump(stream, sock, self.opener, self._check, None, self.max_frame, self._post, self._on_result,
+                           cell=self.wire.cell())
         self.pumps[stream] = pump
         pump.start()
 

@@ -150,3 +150,20 @@ def test_fsync_mode_delivers_the_same_bytes(tmp_path, identity):
         assert res.verified and same_tree(src, srv.root / "d")
     finally:
         srv.close()
+
+
+def test_dxa_bench_reports_intervals_and_a_verified_total(tmp_path, home, daemon_factory):
+    import json
+
+    from tests.conftest import dxa
+
+    d = daemon_factory(tmp_path / "root")
+    r = dxa(home, "bench", d.url(""), "--seconds", "1.5", "--streams", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["encrypted"] is True and out["streams"] == 2 and out["seconds"] >= 1.4
+    assert out["bytes_verified"] == out["bytes_sent"] > 0 and out["gbps"] > 0
+    assert out["intervals"] and all(i["bytes"] > 0 for i in out["intervals"])
+    r = dxa(home, "bench", d.url(""), "--seconds", "1", "--no-encrypt")
+    assert r.returncode == 0 and "[SUM]" in r.stdout and "verified by the receiver" in r.stdout, r.stdout
+    assert list((tmp_path / "root").iterdir()) in ([], [tmp_path / "root" / ".dxa"])  # nothing written
