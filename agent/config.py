@@ -145,6 +145,10 @@ class ServerConfig:
     """Concurrent sessions; more are refused with ERROR{busy}."""
     metrics: str = ""
     """``HOST:PORT`` to serve Prometheus metrics on (port 0: a free one); empty: off."""
+    buffered_writes: bool = False
+    """Write every chunk through the page cache.  By default whole aligned chunks of files
+    of 8 MiB and more are written with O_DIRECT where the file system has it (no copy into
+    the page cache: the receiver's largest CPU cost); see docs/ARCHITECTURE.md, "Durability"."""
 
     def __post_init__(self) -> None:
         if not self.root:

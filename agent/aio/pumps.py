@@ -18,6 +18,7 @@ speed still queues the frame in one call.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import select
@@ -358,8 +359,8 @@ class ReceivePump(threading.Thread):
             header = bytes(prefix) + bytes(body[: DATA_HEADER_LEN - PREFIX_LEN])
             hdr = decode_data_header(header)
             self._check(hdr)
-            if len(self._pbuf) < hdr.payload_len:
-                self._pbuf = bytearray(hdr.payload_len)
+            if len(self._pbuf) < hdr.payload_len:  # page-aligned (anonymous mmap): O_DIRECT writes take it as is
+                self._pbuf = mmap.mmap(-1, hdr.payload_len)
             try:
                 plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :], out=self._pbuf)
             except IntegrityError as exc:

@@ -266,7 +266,8 @@ class Server:
                                             rate=hello.rate)
             elif hello.mode == "push":
                 root = SafeRoot(cfg.root)
-                store = ReceiverStore(root, self.journal, base=hello.path, fsync=cfg.fsync)
+                store = ReceiverStore(root, self.journal, base=hello.path, fsync=cfg.fsync,
+                                      direct=not cfg.buffered_writes)
                 sess.driver = ReceiverSession(ctrl, ReceiverCore(max_chunk=cfg.max_chunk), store,
                                               Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             else:

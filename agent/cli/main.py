@@ -36,7 +36,7 @@ config file ($DXA_HOME/config.toml, or --config FILE), one section per command;
 every flag that sets a value has a key (contrib/config.example.toml lists them all):
   [identity]   ca, cert, key                          (--ca/--cert/--key of every command)
   [init]       name
-  [serve]      listen, root, state_dir, port_file, fsync, metrics, grpc, grpc_port_file, clients,
+  [serve]      listen, root, state_dir, port_file, fsync, buffered_writes, metrics, grpc, grpc_port_file, clients,
                controller, site, capacity
   [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
                no_progress
@@ -219,7 +219,8 @@ def cmd_serve(args) -> int:
     if not host or not port.isdigit():
         raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
     config = ServerConfig(root=root, host=host.strip("[]"), port=int(port),
-                          state_dir=s.state_dir or "", fsync=s.fsync, metrics=s.metrics or "")
+                          state_dir=s.state_dir or "", fsync=s.fsync, metrics=s.metrics or "",
+                          buffered_writes=s.buffered_writes)
     controller = _controller_settings(s)
     identity = _identity(args)
     _raise_fd_limit()
@@ -530,6 +531,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (bytes, files, retries, active "
                         "transfers, rate per transfer, RTT and retransmits per peer); off by default")
+    s.add_argument("--buffered-writes", dest="buffered_writes", action="store_true", default=None,
+                   help="write every chunk through the page cache; by default whole chunks of files of 8 MiB "
+                        "and more go to the disk with O_DIRECT where the file system supports it (no copy into "
+                        "the page cache, the receiver's largest CPU cost)")
     s.add_argument("--grpc", metavar="HOST:PORT",
                    help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "

@@ -89,6 +89,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serve", "port_file", "str", None, "DXA_PORT_FILE", "write the bound port here"),
     Setting("serve", "fsync", "bool", False, "DXA_FSYNC", "files and journaled chunks survive power loss"),
     Setting("serve", "metrics", "str", None, "DXA_METRICS", "HOST:PORT for Prometheus metrics (off if unset)"),
+    Setting("serve", "buffered_writes", "bool", False, "DXA_BUFFERED_WRITES", "write every chunk through the page "
+            "cache (default: whole chunks of big files with O_DIRECT where the file system has it)"),
     Setting("serve", "grpc", "str", None, "DXA_GRPC", "HOST:PORT for the TransferService (off if unset)"),
     Setting("serve", "grpc_port_file", "str", None, "DXA_GRPC_PORT_FILE", "write the bound gRPC port here"),
     Setting("serve", "clients", "list", (), "DXA_CLIENTS", "with grpc: the only nodes (certificate CNs) that may "

@@ -167,3 +167,40 @@ def test_dxa_bench_reports_intervals_and_a_verified_total(tmp_path, home, daemon
     r = dxa(home, "bench", d.url(""), "--seconds", "1", "--no-encrypt")
     assert r.returncode == 0 and "[SUM]" in r.stdout and "verified by the receiver" in r.stdout, r.stdout
     assert list((tmp_path / "root").iterdir()) in ([], [tmp_path / "root" / ".dxa"])  # nothing written
+
+
+def test_big_files_are_written_with_o_direct_and_arrive_identical(tmp_path, identity, monkeypatch):
+    """Whole aligned chunks of a file of 8 MiB or more go through the O_DIRECT descriptor
+    (where the file system has it); the unaligned tail through the page cache."""
+    import os as _os
+
+    from agent.store import receiving
+    from tests.conftest import InProcessServer
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    fd = receiving._open_direct("probe", _os.open(tmp_path, _os.O_RDONLY))
+    if fd < 0:
+        pytest.skip("no O_DIRECT on this file system")
+    _os.close(fd)
+    writes = {"direct": 0, "buffered": 0}
+    real_pwrite = receiving.os.pwrite
+
+    def counting_pwrite(fd, data, offset):
+        import fcntl
+
+        kind = "direct" if fcntl.fcntl(fd, fcntl.F_GETFL) & _os.O_DIRECT else "buffered"
+        writes[kind] += 1
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(receiving.os, "pwrite", counting_pwrite)
+    srv = InProcessServer(tmp_path / "root", identity)
+    try:
+        src = tmp_path / "big.bin"
+        src.write_bytes(_os.urandom((9 << 20) + 1234))  # 9 MiB + an unaligned tail
+        opts = TransferOptions.for_test(compress="off", chunk_size=1 << 20)
+        res = asyncio.run(copy([str(src)], srv.url("big.bin"), identity=identity, options=opts))
+    finally:
+        srv.close()
+    assert res.verified and (tmp_path / "root" / "big.bin").read_bytes() == src.read_bytes()
+    assert writes["direct"] >= 9 and writes["buffered"] >= 1, writes
