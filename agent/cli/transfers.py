@@ -128,7 +128,8 @@ def cmd_submit(args) -> int:
     async def go(c):
         t = await c.submit(args.source, args.destination, rate=rate, recursive=args.recursive,
                            priority=args.priority, request_id=args.request_id or "",
-                           window_start=window_start, window_end=window_end, deadline=deadline)
+                           window_start=window_start, window_end=window_end, deadline=deadline,
+                           no_queue=args.no_queue)
         if args.wait:
             t = await c.wait(t.id)
         _print(args, [t])
@@ -278,6 +279,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--window-end", dest="window_end", metavar="WHEN",
                    help="with --rate, on an agent that uses a scheduler: the reservation ends at WHEN; a job "
                         "not done by then is stopped and fails (its partial data stays resumable)")
+    s.add_argument("--no-queue", dest="no_queue", action="store_true",
+                   help="on an agent that uses a scheduler: when the path has no room now, fail at once with the "
+                        "earliest start that would fit instead of waiting in the scheduler's queue")
     s.add_argument("--request-id", dest="request_id", metavar="KEY",
                    help="idempotency key: a retried submit with the same key returns the same job")
     s.add_argument("--wait", action="store_true",

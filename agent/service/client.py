@@ -51,16 +51,17 @@ class Client(MtlsClient):
     async def submit(self, source: str, destination: str, *, rate: int = 0, recursive: bool = False,
                      priority: int = 0, request_id: str = "", source_agent: str = "",
                      window_start: float | None = None, window_end: float | None = None,
-                     deadline: float | None = None) -> Transfer:
+                     deadline: float | None = None, no_queue: bool = False) -> Transfer:
         """Ask the agent to send ``source`` (under its root) to ``destination`` (``dxa://HOST:PORT/path``).
 
         ``rate`` in bits/s (0: unlimited), or ``deadline`` (Unix time by which the data must be
         there: the scheduler reserves the volume over the time left).  ``deadline`` and
         ``window_start``/``window_end`` (Unix times) need an agent that uses the scheduler
         (``dxa serve --controller``); a job still running when its window or deadline ends is
-        stopped and fails, its partial data kept for a resume."""
+        stopped and fails, its partial data kept for a resume.  ``no_queue``: fail at once with
+        the earliest start that would fit instead of waiting in the scheduler's queue."""
         spec = TransferSpec(source, destination, rate, priority, recursive, source_agent, window_start, window_end,
-                            deadline)
+                            deadline, no_queue)
         try:
             request = convert.submit_request(spec, request_id)
         except InvalidTransferError as exc:  # refused here as the agent would refuse it

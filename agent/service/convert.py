@@ -81,7 +81,7 @@ def spec_to_proto(spec: TransferSpec) -> pb.TransferSpec:
     agent, path = _split_url(spec.destination)
     msg = pb.TransferSpec(source=pb.Endpoint(agent=spec.source_agent, path=spec.source),
                           destination=pb.Endpoint(agent=agent, path=path), priority=spec.priority,
-                          recursive=spec.recursive)
+                          recursive=spec.recursive, no_queue=spec.no_queue)
     if spec.rate_bps:
         msg.rate_bps = spec.rate_bps
     elif spec.deadline is not None:
@@ -104,7 +104,8 @@ def spec_from_proto(msg: pb.TransferSpec) -> TransferSpec:
                         recursive=msg.recursive, source_agent=msg.source.agent,
                         window_start=timestamp_to_seconds(msg.window_start) if msg.HasField("window_start") else None,
                         window_end=timestamp_to_seconds(msg.window_end) if msg.HasField("window_end") else None,
-                        deadline=timestamp_to_seconds(msg.deadline) if msg.HasField("deadline") else None)
+                        deadline=timestamp_to_seconds(msg.deadline) if msg.HasField("deadline") else None,
+                        no_queue=msg.no_queue)
 
 
 def transfer_to_proto(t: Transfer) -> pb.Transfer:

@@ -127,6 +127,8 @@ class TransferSpec:
     deadline: float | None = None
     """Deadline mode, instead of a rate: Unix time by which the data must have arrived.  The
     scheduler derives the rate from the volume and the time left (needs the scheduler)."""
+    no_queue: bool = False
+    """With the scheduler: fail with the earliest start that would fit instead of queueing."""
 
 
 @dataclass
@@ -228,6 +230,8 @@ class JobStore:
                 self.db.execute("ALTER TABLE transfers ADD COLUMN window_end REAL")
             if "deadline" not in columns:
                 self.db.execute("ALTER TABLE transfers ADD COLUMN deadline REAL")
+            if "no_queue" not in columns:
+                self.db.execute("ALTER TABLE transfers ADD COLUMN no_queue INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise ConfigError(f"{path}: not a transfer database ({exc})") from None
@@ -240,10 +244,12 @@ class JobStore:
         cur = self.db.execute(
             "INSERT INTO transfers (request_id, source, destination, spec_rate_bps, priority, recursive, source_agent,"
             " state, rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
-            " created, updated, window_start, window_end, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created, updated, window_start, window_end, deadline, no_queue)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (t.request_id or None, s.source, s.destination, s.rate_bps, s.priority, int(s.recursive), s.source_agent,
              t.state.value, t.rate_bps, t.bytes_total, t.bytes_done, t.bytes_skipped, t.files_total, t.files_done,
-             t.chunks_retried, t.error, t.created, t.updated, s.window_start, s.window_end, s.deadline))
+             t.chunks_retried, t.error, t.created, t.updated, s.window_start, s.window_end, s.deadline,
+             int(s.no_queue)))
         return f"t{cur.lastrowid}"
 
     def update(self, t: Transfer) -> None:
@@ -257,12 +263,13 @@ class JobStore:
         rows = self.db.execute(
             "SELECT num, request_id, source, destination, spec_rate_bps, priority, recursive, source_agent, state,"
             " rate_bps, bytes_total, bytes_done, bytes_skipped, files_total, files_done, chunks_retried, error,"
-            " created, updated, reservation_id, window_start, window_end, deadline FROM transfers ORDER BY num"
+            " created, updated, reservation_id, window_start, window_end, deadline, no_queue FROM transfers"
+            " ORDER BY num"
         ).fetchall()
         out = []
         for (num, rid, src, dst, srate, prio, rec, sagent, state, rate, bt, bd, bs, ft, fd, cr, err, cre,
-             upd, resv, wstart, wend, deadline) in rows:
-            spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent, wstart, wend, deadline)
+             upd, resv, wstart, wend, deadline, noq) in rows:
+            spec = TransferSpec(src, dst, srate, prio, bool(rec), sagent, wstart, wend, deadline, bool(noq))
             out.append(Transfer(f"t{num}", spec, JobState(state), rate, bt, bd, bs, ft, fd, cr, err, rid or "",
                                 cre, upd, resv or ""))
         return out
@@ -426,6 +433,8 @@ class JobManager:
                     return replace(t)
         if (spec.window_start is not None or spec.window_end is not None) and self.scheduler is None:
             raise InvalidTransferError("windows need the scheduler (dxa serve --controller HOST:PORT)")
+        if spec.no_queue and self.scheduler is None:
+            raise InvalidTransferError("no_queue needs the scheduler (dxa serve --controller HOST:PORT)")
         if spec.deadline is not None and self.scheduler is None:
             raise InvalidTransferError("a deadline needs the scheduler (dxa serve --controller HOST:PORT), which "
                                        "derives the rate from it; without one give a rate, or none (unlimited)")
@@ -741,12 +750,14 @@ class JobManager:
                     if t.spec.deadline is not None:
                         request = ReservationRequest(
                             link.name, dest_name, volume_bytes=self._volume(t), priority=t.spec.priority,
-                            not_before=t.spec.window_start, finish_by=t.spec.deadline, transfer_id=t.id)
+                            not_before=t.spec.window_start, finish_by=t.spec.deadline, transfer_id=t.id,
+                            wait=not t.spec.no_queue)
                     else:  # with a window end: off-peak mode, a window sized for the volume slides within it
                         request = ReservationRequest(
                             link.name, dest_name, rate_bps=t.spec.rate_bps, priority=t.spec.priority,
                             volume_bytes=self._volume(t) if t.spec.window_end is not None else None,
-                            not_before=t.spec.window_start, finish_by=t.spec.window_end, transfer_id=t.id)
+                            not_before=t.spec.window_start, finish_by=t.spec.window_end, transfer_id=t.id,
+                            wait=not t.spec.no_queue)
                     decision = await link.client.request_reservation(request)
                     if decision.reservation is None:
                         when = (f"; the earliest start that would fit is "

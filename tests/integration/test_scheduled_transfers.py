@@ -715,3 +715,22 @@ def test_submit_settled_answers_with_the_schedulers_decision(small):
     assert hog.state in (JobState.RESERVED, JobState.TRANSFERRING) and hog.reservation_id, hog
     assert queued.state is JobState.SUBMITTED and "queued by the scheduler" in queued.error, queued
     assert done.state is JobState.DONE and done.error == "", done  # admitted once hog let go
+
+
+def test_no_queue_fails_at_once_with_the_earliest_start(small):
+    s = small
+    (s.a.root / "big.bin").write_bytes(os.urandom(2 << 20))
+    (s.a.root / "small.bin").write_bytes(os.urandom(100_000))
+
+    async def go():
+        m = s.manager
+        hog = await m.submit_settled(TransferSpec("big.bin", s.b.url("hog.bin"), rate_bps=5 * M,
+                                                  window_end=time.time() + 60))
+        refused = await m.submit_settled(TransferSpec("small.bin", s.b.url("q.bin"), rate_bps=3 * M, no_queue=True))
+        await m.cancel_and_wait(hog.id)
+        return hog, refused
+
+    hog, refused = s.on_a(go(), timeout=30)
+    assert refused.state is JobState.FAILED and "refused" in refused.error, refused
+    assert "earliest start that would fit" in refused.error, refused  # when hog's sized window ends
+    assert not (s.b.root / "q.bin").exists()

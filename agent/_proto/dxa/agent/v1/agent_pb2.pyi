@@ -38,7 +38,7 @@ class Endpoint(_message.Message):
     def __init__(self, agent: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class TransferSpec(_message.Message):
-    __slots__ = ("source", "destination", "rate_bps", "deadline", "priority", "window_start", "window_end", "recursive")
+    __slots__ = ("source", "destination", "rate_bps", "deadline", "priority", "window_start", "window_end", "recursive", "no_queue")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     RATE_BPS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class TransferSpec(_message.Message):
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_FIELD_NUMBER: _ClassVar[int]
     RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    NO_QUEUE_FIELD_NUMBER: _ClassVar[int]
     source: Endpoint
     destination: Endpoint
     rate_bps: int
@@ -55,7 +56,8 @@ class TransferSpec(_message.Message):
     window_start: _timestamp_pb2.Timestamp
     window_end: _timestamp_pb2.Timestamp
     recursive: bool
-    def __init__(self, source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., rate_bps: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recursive: _Optional[bool] = ...) -> None: ...
+    no_queue: bool
+    def __init__(self, source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., rate_bps: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recursive: _Optional[bool] = ..., no_queue: _Optional[bool] = ...) -> None: ...
 
 class Transfer(_message.Message):
     __slots__ = ("id", "spec", "state", "bytes_total", "bytes_done", "files_total", "files_done", "granted_rate_bps", "reservation_id", "created", "updated", "error", "bytes_skipped")
