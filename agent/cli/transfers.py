@@ -144,7 +144,13 @@ def cmd_status(args) -> int:
             t = await c.get(args.job)
             _print(args, [t])
             return EXIT_OK
-        _print(args, await c.list(), many=True)
+        transfers = await c.list()
+        if args.states:
+            transfers = [t for t in transfers if t.state.value in args.states]
+        if not args.json and transfers:
+            print(_table([(t, t.current_rate_bps if t.state.value == "transferring" else None) for t in transfers]))
+            return EXIT_OK
+        _print(args, transfers, many=True)
         return EXIT_OK
 
     return _run(args, go)
@@ -198,8 +204,6 @@ def _table(rows: list[tuple]) -> str:
 
 def cmd_watch(args) -> int:
     """A live table: one transfer (following its event stream) or all of them (polled)."""
-    import time
-
     from agent.service.transfers import Progressed, RateChanged, StateChanged
 
     tty = sys.stdout.isatty() and not args.json
@@ -229,17 +233,12 @@ def cmd_watch(args) -> int:
         return _final_status(t)
 
     async def every(c):
-        last: dict[str, tuple[float, int]] = {}
         while True:
             transfers = await c.list()
-            mono = time.monotonic()
-            rows = []
-            for t in transfers:
-                prev = last.get(t.id)
-                rate = int((t.bytes_done - prev[1]) * 8 / max(mono - prev[0], 1e-3)) if prev else None
-                last[t.id] = (mono, t.bytes_done)
-                rows.append((t, max(rate, 0) if rate is not None else None))
-            draw(rows)
+            if args.states:
+                transfers = [t for t in transfers if t.state.value in args.states]
+            # the agent's own rate of each transfer, counted as bytes move
+            draw([(t, t.current_rate_bps if t.state.value == "transferring" else None) for t in transfers])
             if args.until_done and all(t.state.final for t in transfers):
                 return EXIT_OK
             await asyncio.sleep(args.interval)
@@ -289,7 +288,10 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("status", parents=[common, client], help="show an agent's transfers, or one of them")
-    s.add_argument("job", metavar="JOB", nargs="?", help="a transfer id (default: all)")
+    s.add_argument("job", metavar="JOB", nargs="?", help="a transfer id (default: all, as a table)")
+    s.add_argument("--state", dest="states", action="append", metavar="STATE",
+                   choices=["submitted", "reserved", "transferring", "done", "failed", "cancelled"],
+                   help="without JOB: only transfers in this state (repeat for several)")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("cancel", parents=[common, client], help="stop a transfer (its partial data stays resumable)")
@@ -306,6 +308,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes of all (default 1)")
     s.add_argument("--until-done", dest="until_done", action="store_true",
                    help="without JOB: stop once every transfer is final")
+    s.add_argument("--state", dest="states", action="append", metavar="STATE",
+                   choices=["submitted", "reserved", "transferring", "done", "failed", "cancelled"],
+                   help="without JOB: only transfers in this state (repeat for several)")
     s.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("rate", parents=[common, client], help="change the rate of a running transfer")

@@ -113,7 +113,7 @@ def transfer_to_proto(t: Transfer) -> pb.Transfer:
                        bytes_done=t.bytes_done, files_total=t.files_total, files_done=t.files_done,
                        granted_rate_bps=t.rate_bps, created=seconds_to_timestamp(t.created),
                        updated=seconds_to_timestamp(t.updated), error=t.error, bytes_skipped=t.bytes_skipped,
-                       reservation_id=t.reservation_id)
+                       reservation_id=t.reservation_id, current_rate_bps=t.current_rate_bps)
 
 
 def transfer_from_proto(msg: pb.Transfer) -> Transfer:
@@ -122,7 +122,7 @@ def transfer_from_proto(msg: pb.Transfer) -> Transfer:
                     bytes_total=msg.bytes_total, bytes_done=msg.bytes_done, bytes_skipped=msg.bytes_skipped,
                     files_total=msg.files_total, files_done=msg.files_done, error=msg.error,
                     created=timestamp_to_seconds(msg.created), updated=timestamp_to_seconds(msg.updated),
-                    reservation_id=msg.reservation_id)
+                    reservation_id=msg.reservation_id, current_rate_bps=msg.current_rate_bps)
 
 
 # ------------------------------------------------------------------- events

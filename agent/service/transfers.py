@@ -150,6 +150,8 @@ class Transfer:
     updated: float = field(default_factory=time.time)
     reservation_id: str = ""
     """The scheduler's reservation of this job (``dxa serve --controller``), else empty."""
+    current_rate_bps: int = 0
+    """Bits/s on the wire over the last progress interval while transferring (not stored)."""
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -636,6 +638,8 @@ class JobManager:
     def _set_state(self, t: Transfer, state: JobState, error: str = "") -> None:
         old = t.state
         t.state, t.error = state, error
+        if state is not JobState.TRANSFERRING:
+            t.current_rate_bps = 0
         self._save(t)
         log.info("transfer %s: %s -> %s%s", t.id, old.value, state.value, f" ({error})" if error else "")
         self._emit(t.id, StateChanged(t.id, time.time(), old, state, error))
@@ -937,6 +941,7 @@ class JobManager:
             rate = (0 if last_b is None or last_p is not p else
                     max(0, int((moved - last_b) * 8 / max(now - last_t, 1e-3))))
             last_t, last_b, last_p = now, moved, p
+            t.current_rate_bps = rate
             self._emit(t.id, self._progressed(t, time.time(), rate))
             if now - last_save >= 1.0:
                 last_save = now

@@ -307,6 +307,10 @@ def test_cli_serve_grpc_submit_status_rate_cancel(tmp_path, home, daemon_factory
 
             r = dxa(home, "status", "--agent", agent_addr, "--json")
             assert r.returncode == 0 and [t["id"] for t in json.loads(r.stdout)] == [job["id"]]
+            r = dxa(home, "status", "--agent", agent_addr)  # a table with a header
+            assert r.returncode == 0 and r.stdout.startswith("ID ") and job["id"] in r.stdout, r.stdout
+            r = dxa(home, "status", "--agent", agent_addr, "--state", "failed", "--json")
+            assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
             r = dxa(home, "status", job["id"], "--agent", agent_addr)
             assert r.returncode == 0 and "done" in r.stdout and "f.bin" in r.stdout
             r = dxa(home, "rate", job["id"], "100M", "--agent", agent_addr)
@@ -440,6 +444,7 @@ def test_a_paced_job_reports_its_rate_as_bytes_move_and_the_daemons_metrics_coun
     """At 4 Mbit/s with 64 KiB chunks over 2 streams, verified chunks arrive in bursts; the
     job's current rate must follow the bytes on the wire, and the sending daemon's
     Prometheus metrics must count its own job."""
+    from agent.service import convert
     from agent.service.metrics import ServerMetrics
 
     b = InProcessServer(tmp_path / "root-b", identity)
@@ -457,6 +462,9 @@ def test_a_paced_job_reports_its_rate_as_bytes_move_and_the_daemons_metrics_coun
             async for ev in m.watch(t.id):
                 if isinstance(ev, Progressed) and ev.current_rate_bps:
                     rates.append(ev.current_rate_bps)
+                    row = m.get(t.id)  # what GetTransfer/ListTransfers (dxa status, dxa watch) show
+                    assert row.current_rate_bps == ev.current_rate_bps
+                    assert convert.transfer_from_proto(convert.transfer_to_proto(row)) == row
                     if not live:
                         live = [(f.name, s.labels, s.value) for f in metrics.collect() for s in f.samples]
             return await m.wait(t.id), rates, live, list(metrics.collect())

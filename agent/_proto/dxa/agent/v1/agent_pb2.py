@@ -27,51 +27,51 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64xa/agent/v1/agent.proto\x12\x0c\x64xa.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x08\x45ndpoint\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\xc8\x02\n\x0cTransferSpec\x12&\n\x06source\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Endpoint\x12+\n\x0b\x64\x65stination\x18\x02 \x01(\x0b\x32\x16.dxa.agent.v1.Endpoint\x12\x12\n\x08rate_bps\x18\x03 \x01(\x04H\x00\x12.\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x30\n\x0cwindow_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecursive\x18\x08 \x01(\x08\x12\x10\n\x08no_queue\x18\t \x01(\x08\x42\x06\n\x04pace\"\xf0\x02\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.dxa.agent.v1.TransferSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x12\n\nbytes_done\x18\x05 \x01(\x04\x12\x13\n\x0b\x66iles_total\x18\x06 \x01(\r\x12\x12\n\nfiles_done\x18\x07 \x01(\r\x12\x18\n\x10granted_rate_bps\x18\x08 \x01(\x04\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x15\n\rbytes_skipped\x18\r \x01(\x04\"U\n\x15SubmitTransferRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.dxa.agent.v1.TransferSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"B\n\x16SubmitTransferResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer\" \n\x12GetTransferRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\x13GetTransferResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer\"j\n\x14ListTransfersRequest\x12+\n\x06states\x18\x01 \x03(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x15ListTransfersResponse\x12)\n\ttransfers\x18\x01 \x03(\x0b\x32\x16.dxa.agent.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14WatchTransferRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x85\x01\n\x14TransferStateChanged\x12.\n\told_state\x18\x01 \x01(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12.\n\tnew_state\x18\x02 \x01(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x98\x01\n\x12TransferProgressed\x12\x12\n\nbytes_done\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x12\n\nfiles_done\x18\x03 \x01(\r\x12\x13\n\x0b\x66iles_total\x18\x04 \x01(\r\x12\x18\n\x10\x63urrent_rate_bps\x18\x05 \x01(\x04\x12\x16\n\x0e\x63hunks_retried\x18\x06 \x01(\x04\"A\n\x13TransferRateChanged\x12\x14\n\x0cold_rate_bps\x18\x01 \x01(\x04\x12\x14\n\x0cnew_rate_bps\x18\x02 \x01(\x04\"\x8f\x02\n\x15WatchTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\rstate_changed\x18\x03 \x01(\x0b\x32\".dxa.agent.v1.TransferStateChangedH\x00\x12\x36\n\nprogressed\x18\x04 \x01(\x0b\x32 .dxa.agent.v1.TransferProgressedH\x00\x12\x39\n\x0crate_changed\x18\x05 \x01(\x0b\x32!.dxa.agent.v1.TransferRateChangedH\x00\x42\x07\n\x05\x65vent\"#\n\x15\x43\x61ncelTransferRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x16\x43\x61ncelTransferResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer\".\n\x0eSetRateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rate_bps\x18\x02 \x01(\x04\";\n\x0fSetRateResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer*\xdd\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRANSFER_STATE_SUBMITTED\x10\x01\x12\x1b\n\x17TRANSFER_STATE_RESERVED\x10\x02\x12\x1f\n\x1bTRANSFER_STATE_TRANSFERRING\x10\x03\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x04\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x05\x12\x1c\n\x18TRANSFER_STATE_CANCELLED\x10\x06\x32\x9d\x04\n\x0fTransferService\x12[\n\x0eSubmitTransfer\x12#.dxa.agent.v1.SubmitTransferRequest\x1a$.dxa.agent.v1.SubmitTransferResponse\x12R\n\x0bGetTransfer\x12 .dxa.agent.v1.GetTransferRequest\x1a!.dxa.agent.v1.GetTransferResponse\x12X\n\rListTransfers\x12\".dxa.agent.v1.ListTransfersRequest\x1a#.dxa.agent.v1.ListTransfersResponse\x12Z\n\rWatchTransfer\x12\".dxa.agent.v1.WatchTransferRequest\x1a#.dxa.agent.v1.WatchTransferResponse0\x01\x12[\n\x0e\x43\x61ncelTransfer\x12#.dxa.agent.v1.CancelTransferRequest\x1a$.dxa.agent.v1.CancelTransferResponse\x12\x46\n\x07SetRate\x12\x1c.dxa.agent.v1.SetRateRequest\x1a\x1d.dxa.agent.v1.SetRateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64xa/agent/v1/agent.proto\x12\x0c\x64xa.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x08\x45ndpoint\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\xc8\x02\n\x0cTransferSpec\x12&\n\x06source\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Endpoint\x12+\n\x0b\x64\x65stination\x18\x02 \x01(\x0b\x32\x16.dxa.agent.v1.Endpoint\x12\x12\n\x08rate_bps\x18\x03 \x01(\x04H\x00\x12.\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x30\n\x0cwindow_start\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecursive\x18\x08 \x01(\x08\x12\x10\n\x08no_queue\x18\t \x01(\x08\x42\x06\n\x04pace\"\x8a\x03\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.dxa.agent.v1.TransferSpec\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x12\n\nbytes_done\x18\x05 \x01(\x04\x12\x13\n\x0b\x66iles_total\x18\x06 \x01(\r\x12\x12\n\nfiles_done\x18\x07 \x01(\r\x12\x18\n\x10granted_rate_bps\x18\x08 \x01(\x04\x12\x16\n\x0ereservation_id\x18\t \x01(\t\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x15\n\rbytes_skipped\x18\r \x01(\x04\x12\x18\n\x10\x63urrent_rate_bps\x18\x0e \x01(\x04\"U\n\x15SubmitTransferRequest\x12(\n\x04spec\x18\x01 \x01(\x0b\x32\x1a.dxa.agent.v1.TransferSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"B\n\x16SubmitTransferResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer\" \n\x12GetTransferRequest\x12\n\n\x02id\x18\x01 \x01(\t\"?\n\x13GetTransferResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer\"j\n\x14ListTransfersRequest\x12+\n\x06states\x18\x01 \x03(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x15ListTransfersResponse\x12)\n\ttransfers\x18\x01 \x03(\x0b\x32\x16.dxa.agent.v1.Transfer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14WatchTransferRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x85\x01\n\x14TransferStateChanged\x12.\n\told_state\x18\x01 \x01(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12.\n\tnew_state\x18\x02 \x01(\x0e\x32\x1b.dxa.agent.v1.TransferState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x98\x01\n\x12TransferProgressed\x12\x12\n\nbytes_done\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x12\n\nfiles_done\x18\x03 \x01(\r\x12\x13\n\x0b\x66iles_total\x18\x04 \x01(\r\x12\x18\n\x10\x63urrent_rate_bps\x18\x05 \x01(\x04\x12\x16\n\x0e\x63hunks_retried\x18\x06 \x01(\x04\"A\n\x13TransferRateChanged\x12\x14\n\x0cold_rate_bps\x18\x01 \x01(\x04\x12\x14\n\x0cnew_rate_bps\x18\x02 \x01(\x04\"\x8f\x02\n\x15WatchTransferResponse\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\rstate_changed\x18\x03 \x01(\x0b\x32\".dxa.agent.v1.TransferStateChangedH\x00\x12\x36\n\nprogressed\x18\x04 \x01(\x0b\x32 .dxa.agent.v1.TransferProgressedH\x00\x12\x39\n\x0crate_changed\x18\x05 \x01(\x0b\x32!.dxa.agent.v1.TransferRateChangedH\x00\x42\x07\n\x05\x65vent\"#\n\x15\x43\x61ncelTransferRequest\x12\n\n\x02id\x18\x01 \x01(\t\"B\n\x16\x43\x61ncelTransferResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer\".\n\x0eSetRateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08rate_bps\x18\x02 \x01(\x04\";\n\x0fSetRateResponse\x12(\n\x08transfer\x18\x01 \x01(\x0b\x32\x16.dxa.agent.v1.Transfer*\xdd\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TRANSFER_STATE_SUBMITTED\x10\x01\x12\x1b\n\x17TRANSFER_STATE_RESERVED\x10\x02\x12\x1f\n\x1bTRANSFER_STATE_TRANSFERRING\x10\x03\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x04\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x05\x12\x1c\n\x18TRANSFER_STATE_CANCELLED\x10\x06\x32\x9d\x04\n\x0fTransferService\x12[\n\x0eSubmitTransfer\x12#.dxa.agent.v1.SubmitTransferRequest\x1a$.dxa.agent.v1.SubmitTransferResponse\x12R\n\x0bGetTransfer\x12 .dxa.agent.v1.GetTransferRequest\x1a!.dxa.agent.v1.GetTransferResponse\x12X\n\rListTransfers\x12\".dxa.agent.v1.ListTransfersRequest\x1a#.dxa.agent.v1.ListTransfersResponse\x12Z\n\rWatchTransfer\x12\".dxa.agent.v1.WatchTransferRequest\x1a#.dxa.agent.v1.WatchTransferResponse0\x01\x12[\n\x0e\x43\x61ncelTransfer\x12#.dxa.agent.v1.CancelTransferRequest\x1a$.dxa.agent.v1.CancelTransferResponse\x12\x46\n\x07SetRate\x12\x1c.dxa.agent.v1.SetRateRequest\x1a\x1d.dxa.agent.v1.SetRateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dxa.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=2156
-  _globals['_TRANSFERSTATE']._serialized_end=2377
+  _globals['_TRANSFERSTATE']._serialized_start=2182
+  _globals['_TRANSFERSTATE']._serialized_end=2403
   _globals['_ENDPOINT']._serialized_start=75
   _globals['_ENDPOINT']._serialized_end=114
   _globals['_TRANSFERSPEC']._serialized_start=117
   _globals['_TRANSFERSPEC']._serialized_end=445
   _globals['_TRANSFER']._serialized_start=448
-  _globals['_TRANSFER']._serialized_end=816
-  _globals['_SUBMITTRANSFERREQUEST']._serialized_start=818
-  _globals['_SUBMITTRANSFERREQUEST']._serialized_end=903
-  _globals['_SUBMITTRANSFERRESPONSE']._serialized_start=905
-  _globals['_SUBMITTRANSFERRESPONSE']._serialized_end=971
-  _globals['_GETTRANSFERREQUEST']._serialized_start=973
-  _globals['_GETTRANSFERREQUEST']._serialized_end=1005
-  _globals['_GETTRANSFERRESPONSE']._serialized_start=1007
-  _globals['_GETTRANSFERRESPONSE']._serialized_end=1070
-  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1072
-  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1178
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=1180
-  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=1271
-  _globals['_WATCHTRANSFERREQUEST']._serialized_start=1273
-  _globals['_WATCHTRANSFERREQUEST']._serialized_end=1307
-  _globals['_TRANSFERSTATECHANGED']._serialized_start=1310
-  _globals['_TRANSFERSTATECHANGED']._serialized_end=1443
-  _globals['_TRANSFERPROGRESSED']._serialized_start=1446
-  _globals['_TRANSFERPROGRESSED']._serialized_end=1598
-  _globals['_TRANSFERRATECHANGED']._serialized_start=1600
-  _globals['_TRANSFERRATECHANGED']._serialized_end=1665
-  _globals['_WATCHTRANSFERRESPONSE']._serialized_start=1668
-  _globals['_WATCHTRANSFERRESPONSE']._serialized_end=1939
-  _globals['_CANCELTRANSFERREQUEST']._serialized_start=1941
-  _globals['_CANCELTRANSFERREQUEST']._serialized_end=1976
-  _globals['_CANCELTRANSFERRESPONSE']._serialized_start=1978
-  _globals['_CANCELTRANSFERRESPONSE']._serialized_end=2044
-  _globals['_SETRATEREQUEST']._serialized_start=2046
-  _globals['_SETRATEREQUEST']._serialized_end=2092
-  _globals['_SETRATERESPONSE']._serialized_start=2094
-  _globals['_SETRATERESPONSE']._serialized_end=2153
-  _globals['_TRANSFERSERVICE']._serialized_start=2380
-  _globals['_TRANSFERSERVICE']._serialized_end=2921
+  _globals['_TRANSFER']._serialized_end=842
+  _globals['_SUBMITTRANSFERREQUEST']._serialized_start=844
+  _globals['_SUBMITTRANSFERREQUEST']._serialized_end=929
+  _globals['_SUBMITTRANSFERRESPONSE']._serialized_start=931
+  _globals['_SUBMITTRANSFERRESPONSE']._serialized_end=997
+  _globals['_GETTRANSFERREQUEST']._serialized_start=999
+  _globals['_GETTRANSFERREQUEST']._serialized_end=1031
+  _globals['_GETTRANSFERRESPONSE']._serialized_start=1033
+  _globals['_GETTRANSFERRESPONSE']._serialized_end=1096
+  _globals['_LISTTRANSFERSREQUEST']._serialized_start=1098
+  _globals['_LISTTRANSFERSREQUEST']._serialized_end=1204
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_start=1206
+  _globals['_LISTTRANSFERSRESPONSE']._serialized_end=1297
+  _globals['_WATCHTRANSFERREQUEST']._serialized_start=1299
+  _globals['_WATCHTRANSFERREQUEST']._serialized_end=1333
+  _globals['_TRANSFERSTATECHANGED']._serialized_start=1336
+  _globals['_TRANSFERSTATECHANGED']._serialized_end=1469
+  _globals['_TRANSFERPROGRESSED']._serialized_start=1472
+  _globals['_TRANSFERPROGRESSED']._serialized_end=1624
+  _globals['_TRANSFERRATECHANGED']._serialized_start=1626
+  _globals['_TRANSFERRATECHANGED']._serialized_end=1691
+  _globals['_WATCHTRANSFERRESPONSE']._serialized_start=1694
+  _globals['_WATCHTRANSFERRESPONSE']._serialized_end=1965
+  _globals['_CANCELTRANSFERREQUEST']._serialized_start=1967
+  _globals['_CANCELTRANSFERREQUEST']._serialized_end=2002
+  _globals['_CANCELTRANSFERRESPONSE']._serialized_start=2004
+  _globals['_CANCELTRANSFERRESPONSE']._serialized_end=2070
+  _globals['_SETRATEREQUEST']._serialized_start=2072
+  _globals['_SETRATEREQUEST']._serialized_end=2118
+  _globals['_SETRATERESPONSE']._serialized_start=2120
+  _globals['_SETRATERESPONSE']._serialized_end=2179
+  _globals['_TRANSFERSERVICE']._serialized_start=2406
+  _globals['_TRANSFERSERVICE']._serialized_end=2947
 # @@protoc_insertion_point(module_scope)

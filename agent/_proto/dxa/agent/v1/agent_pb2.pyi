@@ -60,7 +60,7 @@ class TransferSpec(_message.Message):
     def __init__(self, source: _Optional[_Union[Endpoint, _Mapping]] = ..., destination: _Optional[_Union[Endpoint, _Mapping]] = ..., rate_bps: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., priority: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recursive: _Optional[bool] = ..., no_queue: _Optional[bool] = ...) -> None: ...
 
 class Transfer(_message.Message):
-    __slots__ = ("id", "spec", "state", "bytes_total", "bytes_done", "files_total", "files_done", "granted_rate_bps", "reservation_id", "created", "updated", "error", "bytes_skipped")
+    __slots__ = ("id", "spec", "state", "bytes_total", "bytes_done", "files_total", "files_done", "granted_rate_bps", "reservation_id", "created", "updated", "error", "bytes_skipped", "current_rate_bps")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class Transfer(_message.Message):
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     BYTES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_RATE_BPS_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TransferSpec
     state: TransferState
@@ -87,7 +88,8 @@ class Transfer(_message.Message):
     updated: _timestamp_pb2.Timestamp
     error: str
     bytes_skipped: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TransferSpec, _Mapping]] = ..., state: _Optional[_Union[TransferState, str]] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., files_total: _Optional[int] = ..., files_done: _Optional[int] = ..., granted_rate_bps: _Optional[int] = ..., reservation_id: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., bytes_skipped: _Optional[int] = ...) -> None: ...
+    current_rate_bps: int
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TransferSpec, _Mapping]] = ..., state: _Optional[_Union[TransferState, str]] = ..., bytes_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., files_total: _Optional[int] = ..., files_done: _Optional[int] = ..., granted_rate_bps: _Optional[int] = ..., reservation_id: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., bytes_skipped: _Optional[int] = ..., current_rate_bps: _Optional[int] = ...) -> None: ...
 
 class SubmitTransferRequest(_message.Message):
     __slots__ = ("spec", "request_id")
