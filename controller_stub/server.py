@@ -39,7 +39,7 @@ import grpc
 
 from agent import errors as agent_errors
 from agent.errors import ConfigError
-from agent.service.credentials import caller_name, server_credentials
+from agent.service.credentials import bind_server, caller_name
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.errors import (
@@ -407,24 +407,15 @@ class ControllerServer:
 
     async def start(self) -> int:
         """Load or create the state, apply the topology, listen; return the bound port."""
-        credentials = server_credentials(self.identity)
         store = LedgerStore(self.state_path)
         try:
             snap = store.load()
             now = self.clock()
             ledger = Ledger.restore(snap, now, self.config) if snap is not None else Ledger(self.config)
             self.topology.apply(ledger, now)
-            self.service = ControllerService(ledger, store, self.clock, admins=self.admins)
-            # No SO_REUSEPORT: a second scheduler on the same port must fail, not share it.
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            convert.add_servicer_to_server(self.service, server)
-            address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-            try:
-                port = server.add_secure_port(address, credentials)
-            except RuntimeError as exc:
-                raise ListenError(f"cannot listen on {address}: {exc}") from None
-            if not port:
-                raise ListenError(f"cannot listen on {address}")
+            service = self.service = ControllerService(ledger, store, self.clock, admins=self.admins)
+            server, port = bind_server(self.identity, self.host, self.port,
+                                       lambda s: convert.add_servicer_to_server(service, s), ListenError)
             await server.start()
         except BaseException:
             store.close()

@@ -24,7 +24,7 @@ from agent.aio.session import ReceiverSession, SenderSession
 from agent.aio.tls import peer_identity, server_context
 from agent.config import ServerConfig
 from agent.core import ReceiverCore, SenderCore
-from agent.errors import ConfigError, DxaError, ListenError, PathError, RemoteProtocolError
+from agent.errors import ConfigError, DxaError, ListenError, RemoteProtocolError
 from agent.store.journal import Journal
 from agent.store.pki import Identity
 from agent.wire._seal import CIPHERS
@@ -300,12 +300,4 @@ class Server:
 
     @staticmethod
     def _source_path(root: SafeRoot, rel: str) -> str:
-        if not rel:
-            return root.path
-        parts = split_relpath(rel)
-        parent = root.dir_fd(parts[:-1], create=False)
-        try:
-            os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            raise PathError(f"{rel}: no such file or directory on the server") from None
-        return root.resolve(rel)
+        return root.existing(rel, "on the server") if rel else root.path

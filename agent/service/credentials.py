@@ -11,10 +11,11 @@ from pathlib import Path
 
 import grpc
 
-from agent.errors import ConfigError, DxaError
+from agent.errors import ConfigError, DxaError, ListenError
 from agent.store.pki import Identity
 
-__all__ = ["GrpcCallError", "MtlsClient", "caller_name", "channel_credentials", "server_credentials"]
+__all__ = ["GrpcCallError", "MtlsClient", "bind_server", "caller_name", "channel_credentials",
+           "server_credentials"]
 
 
 def _read(path: Path) -> bytes:
@@ -28,6 +29,23 @@ def server_credentials(identity: Identity) -> grpc.ServerCredentials:
     """Mutual TLS: our certificate and key; clients must present one signed by our CA."""
     return grpc.ssl_server_credentials([(_read(identity.key), _read(identity.cert))],
                                        root_certificates=_read(identity.ca_cert), require_client_auth=True)
+
+
+def bind_server(identity: Identity, host: str, port: int, add_servicer, error: type[ListenError] = ListenError
+                ) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with ``add_servicer(server)`` applied, bound with mutual TLS to
+    host:port (not started); its bound port.  No SO_REUSEPORT: a second server on the same
+    port must fail, not share it.  A bind that fails raises ``error``."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    add_servicer(server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, server_credentials(identity))
+    except RuntimeError as exc:
+        raise error(f"cannot listen on {address}: {exc}") from None
+    if not bound:
+        raise error(f"cannot listen on {address}")
+    return server, bound
 
 
 def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:

@@ -21,7 +21,7 @@ import grpc
 
 from agent.errors import ListenError
 from agent.service import convert
-from agent.service.credentials import caller_name, server_credentials
+from agent.service.credentials import bind_server, caller_name
 from agent.service.transfers import JobError, JobManager
 from agent.store.pki import Identity
 
@@ -110,16 +110,9 @@ class TransferServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> int:
-        credentials = server_credentials(self.identity)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        convert.add_servicer_to_server(TransferServicer(self.manager, self.clients), server)
-        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        try:
-            port = server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
-            raise GrpcListenError(f"cannot listen on {address}: {exc}") from None
-        if not port:
-            raise GrpcListenError(f"cannot listen on {address}")
+        servicer = TransferServicer(self.manager, self.clients)
+        server, port = bind_server(self.identity, self.host, self.port,
+                                   lambda s: convert.add_servicer_to_server(servicer, s), GrpcListenError)
         await server.start()
         self._server, self.port = server, port
         log.info("TransferService (gRPC) listening on %s:%d", self.host, port)

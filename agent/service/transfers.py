@@ -614,13 +614,7 @@ class JobManager:
     def _source_path(self, rel: str) -> str:
         root = SafeRoot(self.root, create=False)
         try:
-            parts = split_relpath(rel)
-            parent = root.dir_fd(parts[:-1], create=False)
-            try:
-                os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                raise PathError(f"{rel}: no such file or directory under this agent's root") from None
-            return root.resolve(rel)
+            return root.existing(rel, "under this agent's root")
         except (PathError, OSError) as exc:
             raise InvalidTransferError(str(exc)) from None
         finally:

@@ -100,3 +100,14 @@ class SafeRoot:
     def resolve(self, rel: str) -> str:
         """Absolute path for logs and journal keys (after the safe walk succeeded)."""
         return os.path.join(self.path, *split_relpath(rel))
+
+    def existing(self, rel: str, where: str) -> str:
+        """The absolute path of ``rel``, which must exist below the root without a symlink on
+        the way (the last component itself is not followed either); PathError naming ``where``."""
+        parts = split_relpath(rel)
+        parent = self.dir_fd(parts[:-1], create=False)
+        try:
+            os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            raise PathError(f"{rel}: no such file or directory {where}") from None
+        return self.resolve(rel)
