@@ -97,11 +97,15 @@ class ControllerClient(MtlsClient):
         """(sites, agents, [(link, rate reserved on it now)]) as the scheduler sees them."""
         return convert.topology_from_response(await self._call(self._stub.GetTopology, convert.topology_request()))
 
-    async def watch_reservations(self, agent: str) -> AsyncIterator[Reservation]:
+    async def watch_reservations(self, agent: str, on_open=None) -> AsyncIterator[Reservation]:
         """The agent's unreleased reservations, then each change as the scheduler saves it
-        (no timeout; ends when the scheduler stops; ``agent`` empty: all, for admins)."""
+        (no timeout; ends when the scheduler stops; ``agent`` empty: all, for admins).
+        ``on_open()`` is called once the scheduler has accepted the stream."""
         call = self._stub.WatchReservations(convert.watch_request(agent))
         try:
+            await call.initial_metadata()
+            if on_open is not None:
+                on_open()
             async for msg in call:
                 yield convert.watch_from_response(msg)
         except grpc.aio.AioRpcError as exc:

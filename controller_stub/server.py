@@ -43,7 +43,6 @@ from agent.service.credentials import bind_server, caller_name
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.errors import (
-    DeadlineUnreachableError,
     InsufficientCapacityError,
     InvalidTransitionError,
     LeaseExpiredError,
@@ -99,10 +98,7 @@ def describe_error(exc: LedgerError) -> str:
                 f"at most {exc.available_bps} bit/s is available")
     if isinstance(exc, InvalidTransitionError):
         return f"{exc.reservation_id} is {exc.state}: cannot {exc.action}"
-    if isinstance(exc, DeadlineUnreachableError):
-        return str(exc)
-    words = [str(a) for a in exc.args]
-    return ": ".join(words) if words else type(exc).__name__
+    return str(exc) or type(exc).__name__  # InvalidRequestError and its kin read as sentences
 
 
 _VERBS = {
@@ -127,6 +123,13 @@ def describe_refusal(exc: PermissionDeniedError) -> str:
                 f"({exc.source} -> {exc.destination}): it may not {verb} it")
     return (f"node {exc.caller!r} may not {verb} from {exc.source!r} to {exc.destination!r}: "
             f"it is neither the source nor the destination")
+
+
+async def _refuse(context, exc: PermissionDeniedError) -> None:
+    """Answer PERMISSION_DENIED (logged at WARNING), naming the caller and what it tried."""
+    text = describe_refusal(exc)
+    log.warning("refused: %s", text)
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, text, trailing_metadata=(("dxa-error", type(exc).__name__),))
 
 
 def _admin_names(admins: Iterable[str]) -> frozenset[str]:
@@ -220,12 +223,8 @@ class ControllerService(convert.ControllerServicerBase):
         now = self.now()
         try:
             answer = fn(now)
-        except PermissionDeniedError as exc:
-            # Raised before any ledger call: nothing to save or roll back.
-            text = describe_refusal(exc)
-            log.warning("refused: %s", text)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, text,
-                                trailing_metadata=(("dxa-error", type(exc).__name__),))
+        except PermissionDeniedError as exc:  # raised before any ledger call: nothing to save or roll back
+            await _refuse(context, exc)
         except LedgerError as exc:
             try:  # the ledger may have moved time on (expired a lease) before refusing
                 self._commit(now, always=False)
@@ -336,10 +335,8 @@ class ControllerService(convert.ControllerServicerBase):
         caller = caller_name(context)
         agent = convert.watch_from_request(request)
         if not (caller in self.admins or (agent and caller == agent)):
-            exc = PermissionDeniedError(caller, "WatchReservations", agent=agent or "(all agents)")
-            log.warning("refused: %s", describe_refusal(exc))
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, describe_refusal(exc),
-                                trailing_metadata=(("dxa-error", type(exc).__name__),))
+            await _refuse(context, PermissionDeniedError(caller, "WatchReservations", agent=agent or "(all agents)"))
+        await context.send_initial_metadata(())  # tells the watcher the stream is open
         self.tick()  # the present: windows that ended and leases that ran out are released first
         current = [r for r in self.ledger.reservations(agent=agent or None) if not r.state.released]
         q: asyncio.Queue = asyncio.Queue()

@@ -78,6 +78,8 @@ class SchedulerLink:
         self.heartbeats = 0
         self.pushed = 0
         """Reservation changes received on the WatchReservations stream (tests and logs)."""
+        self.streaming = False
+        """The push stream is open: :meth:`lookup` answers from what it pushed."""
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._watch_task: asyncio.Task | None = None
@@ -152,11 +154,33 @@ class SchedulerLink:
                 await asyncio.sleep(backoff)
 
     async def reservation(self, reservation_id: str) -> Reservation | None:
-        """The reservation as the scheduler has it now (None: unknown to it)."""
+        """The reservation as the scheduler has it now (None: unknown to it): asked for."""
         for r in await self.client.list_reservations(self.name):
             if r.id == reservation_id:
+                self._remember(r)
                 return r
         return None
+
+    async def lookup(self, reservation_id: str) -> Reservation | None:
+        """The reservation as last pushed while the push stream is open (no call), else as
+        :meth:`reservation` asks for it: polling is the fallback while the stream is down."""
+        if self.streaming:
+            r = self._latest.get(reservation_id)
+            if r is not None:
+                return r
+        return await self.reservation(reservation_id)
+
+    def _stream_opened(self) -> None:
+        # What was pushed before may be stale (changes during a gap are not replayed): start
+        # over from the stream's snapshot of the unreleased reservations, and ask for the rest.
+        self._latest.clear()
+        self.streaming = True
+
+    def _remember(self, r: Reservation) -> None:
+        self._latest[r.id] = r
+        self._latest.move_to_end(r.id)
+        while len(self._latest) > WATCH_MEMORY:
+            self._latest.popitem(last=False)
 
     def register_again(self) -> None:
         """Register at once instead of at the next heartbeat (the scheduler answered a job that
@@ -186,24 +210,24 @@ class SchedulerLink:
         while True:
             await self.registered.wait()
             try:
-                async for r in self.client.watch_reservations(self.name):
+                async for r in self.client.watch_reservations(self.name, on_open=self._stream_opened):
                     backoff = 0.0
                     self.pushed += 1
-                    self._latest[r.id] = r
-                    self._latest.move_to_end(r.id)
-                    while len(self._latest) > WATCH_MEMORY:
-                        self._latest.popitem(last=False)
+                    self._remember(r)
                     event = self._updated.get(r.id)
                     if event is not None:
                         event.set()
             except asyncio.CancelledError:
+                self.streaming = False
                 raise
             except ControllerError as exc:
+                self.streaming = False
                 if exc.code is grpc.StatusCode.UNIMPLEMENTED:
                     log.info("scheduler %s pushes no reservation changes: polling only", self.target)
                     return
                 log.debug("scheduler %s: reservation stream: %s; re-opening", self.target, exc)
             except Exception:  # never take the daemon down
                 log.exception("scheduler %s: reservation stream failed; re-opening", self.target)
+            self.streaming = False
             backoff = min(self.backoff_max, max(0.1, backoff * 2))
             await asyncio.sleep(backoff)

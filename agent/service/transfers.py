@@ -558,7 +558,7 @@ class JobManager:
 
         assert self.scheduler is not None
         try:
-            r = await self.scheduler.reservation(t.reservation_id)
+            r = await self.scheduler.lookup(t.reservation_id)
         except ControllerError as exc:
             raise RateRefusedError(f"cannot check reservation {t.reservation_id}: {exc}") from None
         if r is None or math.isinf(r.end):
@@ -731,7 +731,7 @@ class JobManager:
         request: ReservationRequest | None = None
         while True:
             try:
-                r = await link.reservation(t.reservation_id) if t.reservation_id else None
+                r = await link.lookup(t.reservation_id) if t.reservation_id else None
                 if r is None or r.state.released:
                     if r is not None and r.reason in ("deadline unreachable", "window ended"):
                         # The ledger gave up on it while it waited: the path is booked until too late.
@@ -813,7 +813,7 @@ class JobManager:
             r = await link.wait_update(t.reservation_id, self.poll_interval)  # pushed at once, if at all
             if r is None:
                 try:
-                    r = await link.reservation(t.reservation_id)
+                    r = await link.lookup(t.reservation_id)  # asks the scheduler only while not streaming
                 except ControllerError as exc:  # the scheduler away: keep the granted rate
                     log.debug("transfer %s: cannot poll reservation %s: %s", t.id, t.reservation_id, exc)
                     continue

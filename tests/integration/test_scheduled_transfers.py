@@ -734,3 +734,27 @@ def test_no_queue_fails_at_once_with_the_earliest_start(small):
     assert refused.state is JobState.FAILED and "refused" in refused.error, refused
     assert "earliest start that would fit" in refused.error, refused  # when hog's sized window ends
     assert not (s.b.root / "q.bin").exists()
+
+
+def test_while_the_push_stream_is_open_a_running_job_does_not_poll(small):
+    s = small
+    (s.a.root / "quiet.bin").write_bytes(os.urandom(1 << 20))  # ~2 s at 4 Mbit/s, polling would ask 20 times
+    calls = []
+    real = s.link_a.client.list_reservations
+
+    async def counting(*a, **kw):
+        calls.append(time.monotonic())
+        return await real(*a, **kw)
+
+    async def go():
+        assert s.link_a.streaming
+        s.link_a.client.list_reservations = counting
+        t = s.manager.submit(TransferSpec("quiet.bin", s.b.url("quiet.bin"), rate_bps=4 * M))
+        return await s.manager.wait(t.id)
+
+    try:
+        t = s.on_a(go())
+    finally:
+        s.link_a.client.list_reservations = real
+    assert t.state is JobState.DONE, t
+    assert len(calls) <= 3, calls  # the first look-up of a new reservation at most, not one per 0.1 s
