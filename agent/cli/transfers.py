@@ -89,6 +89,17 @@ def _run(args, coro_fn) -> int:
     return run_grpc(args.agent, lambda: _client(args), coro_fn)
 
 
+def _states(args):
+    """``--state`` values as JobStates for ListTransfers (None: all)."""
+    from agent.service.transfers import JobState
+
+    return {JobState(v) for v in args.states} if args.states else None
+
+
+STATES = ("submitted", "reserved", "transferring", "done", "failed", "cancelled")
+"""JobState values, for --state (kept equal to JobState by a test)."""
+
+
 def _final_status(t) -> int:
     from agent.service.transfers import JobState
 
@@ -117,13 +128,10 @@ def _when(text: str | None) -> float | None:
 
 def cmd_submit(args) -> int:
     from agent.config import parse_rate
-    from agent.errors import ConfigError
 
     rate = parse_rate(args.rate or "0")
     window_start, window_end = _when(args.window_start), _when(args.window_end)
     deadline = _when(args.deadline)
-    if deadline is not None and rate:
-        raise ConfigError("give --rate or --deadline, not both")
 
     async def go(c):
         t = await c.submit(args.source, args.destination, rate=rate, recursive=args.recursive,
@@ -144,9 +152,7 @@ def cmd_status(args) -> int:
             t = await c.get(args.job)
             _print(args, [t])
             return EXIT_OK
-        transfers = await c.list()
-        if args.states:
-            transfers = [t for t in transfers if t.state.value in args.states]
+        transfers = await c.list(_states(args))
         if not args.json and transfers:
             print(_table([(t, t.current_rate_bps if t.state.value == "transferring" else None) for t in transfers]))
             return EXIT_OK
@@ -179,16 +185,10 @@ def cmd_rate(args) -> int:
     return _run(args, go)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
 def _table(rows: list[tuple]) -> str:
     """rows: (transfer, current rate in bit/s or None)."""
+    from agent.cli.main import _human as _human_bytes
+
     head = (f"{'ID':<6} {'STATE':<12} {'DONE':>6} {'BYTES':>22} {'NOW':>10} {'PACE':>9} {'FILES':>9}  "
             "SOURCE -> DESTINATION")
     out = [head]
@@ -234,9 +234,7 @@ def cmd_watch(args) -> int:
 
     async def every(c):
         while True:
-            transfers = await c.list()
-            if args.states:
-                transfers = [t for t in transfers if t.state.value in args.states]
+            transfers = await c.list(_states(args))
             # the agent's own rate of each transfer, counted as bytes move
             draw([(t, t.current_rate_bps if t.state.value == "transferring" else None) for t in transfers])
             if args.until_done and all(t.state.final for t in transfers):
@@ -290,7 +288,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("status", parents=[common, client], help="show an agent's transfers, or one of them")
     s.add_argument("job", metavar="JOB", nargs="?", help="a transfer id (default: all, as a table)")
     s.add_argument("--state", dest="states", action="append", metavar="STATE",
-                   choices=["submitted", "reserved", "transferring", "done", "failed", "cancelled"],
+                   choices=STATES,
                    help="without JOB: only transfers in this state (repeat for several)")
     s.set_defaults(func=cmd_status)
 
@@ -309,7 +307,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--until-done", dest="until_done", action="store_true",
                    help="without JOB: stop once every transfer is final")
     s.add_argument("--state", dest="states", action="append", metavar="STATE",
-                   choices=["submitted", "reserved", "transferring", "done", "failed", "cancelled"],
+                   choices=STATES,
                    help="without JOB: only transfers in this state (repeat for several)")
     s.set_defaults(func=cmd_watch)
 

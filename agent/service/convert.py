@@ -82,6 +82,8 @@ def spec_to_proto(spec: TransferSpec) -> pb.TransferSpec:
     msg = pb.TransferSpec(source=pb.Endpoint(agent=spec.source_agent, path=spec.source),
                           destination=pb.Endpoint(agent=agent, path=path), priority=spec.priority,
                           recursive=spec.recursive, no_queue=spec.no_queue)
+    if spec.rate_bps and spec.deadline is not None:  # one oneof on the wire: refuse, never drop one
+        raise InvalidTransferError("give a rate or a deadline, not both")
     if spec.rate_bps:
         msg.rate_bps = spec.rate_bps
     elif spec.deadline is not None:

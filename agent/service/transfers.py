@@ -757,17 +757,14 @@ class JobManager:
                             not_before=t.spec.window_start, finish_by=t.spec.window_end, transfer_id=t.id,
                             wait=not t.spec.no_queue)
                     decision = await link.client.request_reservation(request)
+                    when = (f"; earliest start that would fit: "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(decision.earliest_start))}"
+                            if decision.earliest_start is not None else "")
                     if decision.reservation is None:
-                        when = (f"; the earliest start that would fit is "
-                                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(decision.earliest_start))}"
-                                if decision.earliest_start is not None else "")
                         raise JobError(f"the scheduler refused the reservation ({decision.outcome.value}){when}")
                     r = decision.reservation
                     t.reservation_id = r.id
                     if r.state is State.SUBMITTED:  # say why it waits, and until when at the earliest
-                        when = (f"; earliest start that would fit: "
-                                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(decision.earliest_start))}"
-                                if decision.earliest_start is not None else "")
                         t.error = f"queued by the scheduler: reservation {r.id} waits for room on its path{when}"
                     self._save(t)
                     log.info("transfer %s: reservation %s %s (%s -> %s at %d bit/s)", t.id, r.id,

@@ -481,3 +481,9 @@ def test_a_paced_job_reports_its_rate_as_bytes_move_and_the_daemons_metrics_coun
     assert any(name == "dxa_active_transfers" and value == 1 for name, _labels, value in live), live
     sent = {s.labels.get("direction"): s.value for f in after if f.name == "dxa_bytes" for s in f.samples}
     assert sent.get("sent", 0) >= 1_500_000, sent
+
+
+def test_the_cli_state_choices_are_the_job_states():
+    from agent.cli.transfers import STATES
+
+    assert STATES == tuple(s.value for s in JobState)
