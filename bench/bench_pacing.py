@@ -58,15 +58,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.bench_engine import dxa  # the dxa command line, as the engine bench runs it
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_S = 0.1
 HEADER_LO = 66  # ethernet 14 + IPv4 20 + TCP with timestamps 32
 HEADER_TUN = 52  # IPv4 20 + TCP with timestamps 32
 NETNS_ENV = "DXA_PACING_NETNS"
-
-
-def dxa() -> list[str]:
-    return [sys.executable, "-m", "agent.cli.main"]
 
 
 def parse_rate(text: str) -> int:

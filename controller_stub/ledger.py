@@ -265,10 +265,6 @@ class LedgerConfig:
         if not (self.lease_timeout > 0 and math.isfinite(self.lease_timeout)):
             raise InvalidRequestError("lease_timeout must be a positive number of seconds")
 
-    @classmethod
-    def for_test(cls) -> LedgerConfig:
-        return cls(lease_timeout=10.0)
-
 
 # Events: what happened, past tense, for the service layer to tell the agents.
 

@@ -2,8 +2,8 @@
 
 The ledger lives on the server's event loop and is not thread-safe, while
 prometheus_client scrapes from its own HTTP thread.  So a sampler on the loop copies
-what is exported into a plain snapshot every ``interval`` seconds (and after each
-``sample()`` call), under a lock, and the collector only reads that snapshot.  The
+what is exported into a plain snapshot at ``start()`` and every ``interval`` seconds,
+under a lock, and the collector only reads that snapshot.  The
 registry, endpoint and sampler are :class:`agent.service.metrics.SampledCollector`'s.
 
 Exposed (all prefixed ``dxa_scheduler_``):

@@ -288,7 +288,9 @@ class ControllerService(convert.ControllerServicerBase):
             self._check_agent(caller, "Heartbeat", name)
             agent = self.ledger.heartbeat(name, now)
             return convert.heartbeat_response(agent, self.ledger.reservations(agent=agent.name))
-        return await self._call(context, fn)
+        # Not saved unless the ledger moved on (events): the new lease expiry alone is never read
+        # back, since a restarted scheduler gives every live agent a fresh lease.
+        return await self._call(context, fn, mutating=False)
 
     async def RequestReservation(self, request, context):
         caller = caller_name(context)

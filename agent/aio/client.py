@@ -256,7 +256,7 @@ class _Observe:
         outcome = "failed"
         try:
             stats = await driver.run()
-            outcome = "ok" if not stats.files_failed and not stats.errors else "incomplete"
+            outcome = stats.outcome
             return stats
         finally:
             self.observer.session_ended(sid, outcome)

@@ -57,10 +57,10 @@ SEND_STEP = 0.1
 """Seconds a blocking ``send`` on a data socket may wait for buffer space before it returns
 what it queued so far (``SO_SNDTIMEO``).  Without it ``send`` returns only once the whole
 frame is queued, and a frame being sent would be counted (:class:`WireCell`) in one step
-seconds long.  Slicing frames into small sends instead costs a GIL round trip per slice
-at full speed (256 KiB slices looked ~10% slower in ``bench.bench_engine --only big``,
-within this machine's noise); this costs a call only per ``SEND_STEP`` spent waiting,
-i.e. only when the connection is slow (a 1 GiB loopback push: 262 sends for 256 frames)."""
+seconds long.  Slicing every frame into small sends would cost a GIL round trip per slice
+at full speed; this costs an extra call only per ``SEND_STEP`` spent waiting, i.e. only
+when the connection is slow.  (Not benchmarked separately: ``bench.bench_engine --only
+big`` showed no difference beyond this machine's noise.)"""
 _SNDTIMEO = struct.pack("@ll", int(SEND_STEP), int(SEND_STEP % 1 * 1_000_000))
 
 

@@ -283,7 +283,7 @@ class Server:
             await ctrl.send(Welcome(1, streams, max_frame, self.identity.name))
             stats = await sess.driver.run()
             secs = time.monotonic() - sess.started
-            outcome = "ok" if not stats.files_failed and not stats.errors else "incomplete"
+            outcome = stats.outcome
             tlog.info("%s end: outcome=%s files=%d/%d bytes_wire=%d bytes_skipped=%d retried=%d %.2fs",
                       hello.mode, outcome, stats.files_ok, stats.files, stats.bytes_wire, stats.bytes_skipped,
                       stats.chunks_retried, secs)

@@ -66,6 +66,11 @@ class SessionStats:
     streams_reconnected: int = 0
     errors: list[str] = field(default_factory=list)
 
+    @property
+    def outcome(self) -> str:
+        """How a finished session ended, for logs and metrics: ``ok`` or ``incomplete``."""
+        return "ok" if not self.files_failed and not self.errors else "incomplete"
+
 
 Reconnect = Callable[[int, int], Awaitable[socket.socket]]
 

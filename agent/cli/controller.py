@@ -119,13 +119,15 @@ def _columns(rows) -> str:
 
 
 def cmd_rate(args) -> int:
+    from agent.cli.transfers import _rate_text
     from agent.config import parse_rate
 
     rate = parse_rate(args.rate)
 
     async def go(c):
         r, admitted = await c.change_rate(args.reservation, rate)
-        _print_change(args, r, admitted)
+        _print_change(args, r, admitted, f"{r.id} now {_rate_text(r.rate_bps)} ({r.request.source} -> "
+                      f"{r.request.destination}); its agent follows within a second")
         return EXIT_OK
 
     return _run(args, go)
@@ -136,25 +138,18 @@ def cmd_release(args) -> int:
 
     async def go(c):
         r, admitted = await c.release_reservation(args.reservation, State.CANCELLED, args.reason)
-        if args.json:
-            print(json.dumps({"reservation": reservation_dict(r), "admitted": [reservation_dict(a) for a in admitted]}))
-        else:
-            print(f"{r.id} released (cancelled); its agent stops the transfer"
-                  + "".join(f"\nadmitted {a.id} ({a.request.source} -> {a.request.destination})" for a in admitted))
+        _print_change(args, r, admitted, f"{r.id} released (cancelled); its agent stops the transfer")
         return EXIT_OK
 
     return _run(args, go)
 
 
-def _print_change(args, r, admitted) -> None:
+def _print_change(args, r, admitted, headline: str) -> None:
+    """A changed reservation and the waiters it let in: JSON, or the headline and one line each."""
     if args.json:
         print(json.dumps({"reservation": reservation_dict(r), "admitted": [reservation_dict(a) for a in admitted]}))
         return
-    from agent.cli.transfers import _rate_text
-
-    print(f"{r.id} now {_rate_text(r.rate_bps)} ({r.request.source} -> {r.request.destination}); "
-          "its agent follows within a second"
-          + "".join(f"\nadmitted {a.id} ({a.request.source} -> {a.request.destination})" for a in admitted))
+    print(headline + "".join(f"\nadmitted {a.id} ({a.request.source} -> {a.request.destination})" for a in admitted))
 
 
 def add_commands(controller_sub, common: argparse.ArgumentParser) -> None:

@@ -75,7 +75,6 @@ class SchedulerLink:
         self.registered = asyncio.Event()
         self.lease_timeout: float | None = None
         self.registrations = 0
-        self.heartbeats = 0
         self.pushed = 0
         """Reservation changes received on the WatchReservations stream (tests and logs)."""
         self.streaming = False
@@ -128,7 +127,6 @@ class SchedulerLink:
                     need_register = False
                 else:
                     await self.client.heartbeat(self.name)
-                    self.heartbeats += 1
                 backoff = 0.0
                 try:  # until the next heartbeat, or until a job finds the scheduler forgot us
                     await asyncio.wait_for(self._wake.wait(), self.interval or (self.lease_timeout or 30.0) / 3)

@@ -310,7 +310,7 @@ def _validate(spec: TransferSpec) -> TransferSpec:
 def _tree_bytes(path: str, recursive: bool) -> int:
     """Size of a regular file, or of the regular files of a tree (symlinks not followed)."""
     st = os.lstat(path)
-    if not os.path.isdir(path) or os.path.islink(path):
+    if not stat.S_ISDIR(st.st_mode):  # lstat: a symlink to a directory is not one
         return st.st_size
     if not recursive:
         return 0

@@ -141,10 +141,19 @@ def test_release_wakes_waiting_pumps_and_the_pacer_stays_usable():
 
 
 def test_unlimited_pacer_sends_in_one_call():
+    class Counting:
+        def __init__(self, sock):
+            self.sock, self.calls = sock, 0
+
+        def sendall(self, data):
+            self.calls += 1
+            self.sock.sendall(data)
+
     a, b = socket.socketpair()
     try:
-        SharedPacer(0).sendall(a, b"x" * 1000)
-        assert b.recv(2000) == b"x" * 1000
+        counting = Counting(a)
+        SharedPacer(0).sendall(counting, b"x" * 1000)
+        assert counting.calls == 1 and b.recv(2000) == b"x" * 1000
         p = SharedPacer(8e9)
         p.sendall(a, memoryview(bytearray(b"y" * 100_000)))
         got = b""
