@@ -329,6 +329,10 @@ class _Index:
         for link in r.path:
             self.by_link.get(link, set()).discard(r.id)
 
+    def ids(self) -> set[str]:
+        """Every active reservation (each holds at least one link)."""
+        return set().union(*self.by_link.values())
+
 
 class Ledger:
     """Links, agents, reservations and the waiting queue.  Not thread-safe: one owner."""
@@ -556,9 +560,9 @@ class Ledger:
                 self._agents[agent.name] = agent
                 self._events.append(LeaseExpired(agent))
                 self._release_party(agent.name, now, "lease expired")
-        for r in list(self._reservations.values()):
-            if r.state.holds_capacity and r.end <= now:
-                self._release(r, State.FAILED, "window ended")
+        ended = [self._reservations[i] for i in self._active.ids() if self._reservations[i].end <= now]
+        for r in sorted(ended, key=lambda r: r.seq):  # the active ones only: history is never rescanned
+            self._release(r, State.FAILED, "window ended")
         for rid in list(self._waiting):
             r = self._reservations[rid]
             finish_by = r.request.finish_by
@@ -569,7 +573,7 @@ class Ledger:
     def next_timer(self) -> float | None:
         """When ``tick`` next has something to do, if nothing else happens before."""
         times = [a.lease_expires for a in self._agents.values() if not a.expired]
-        times += [r.end for r in self._reservations.values() if r.state.holds_capacity and r.end < INF]
+        times += [e for e in (self._reservations[i].end for i in self._active.ids()) if e < INF]
         times += [self._last_chance(self._reservations[i]) for i in self._waiting
                   if self._reservations[i].request.finish_by is not None]
         return min(times) if times else None
