@@ -158,6 +158,10 @@ class Server:
         if first == b"DX":
             await self._data_conn(conn, addr)
         else:
+            # asyncio leaves Nagle on for an accepted socket (measured: TCP_NODELAY 0 after
+            # connect_accepted_socket); with it a short control message sent while the
+            # previous one is un-ACKed waits for the peer's delayed ACK, about 40 ms.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self._control_conn(conn, addr)
 
     # -- data connections --------------------------------------------------------

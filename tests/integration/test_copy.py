@@ -204,3 +204,24 @@ def test_big_files_are_written_with_o_direct_and_arrive_identical(tmp_path, iden
         srv.close()
     assert res.verified and (tmp_path / "root" / "big.bin").read_bytes() == src.read_bytes()
     assert writes["direct"] >= 9 and writes["buffered"] >= 1, writes
+
+
+def test_the_server_turns_nagle_off_on_control_connections(tmp_path, server, identity, monkeypatch):
+    """A control message written while the previous one is un-ACKed must not wait for the
+    peer's delayed ACK (about 40 ms per exchange with Nagle on).  The client's end is
+    asyncio.open_connection's, which turns Nagle off itself."""
+    import socket
+
+    from agent.aio.server import Server
+
+    seen = []
+    real = Server._control_conn
+
+    async def spy(self, conn, addr):
+        seen.append(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        return await real(self, conn, addr)
+
+    monkeypatch.setattr(Server, "_control_conn", spy)
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+    res = run(copy([str(tmp_path / "f")], server.url("f"), identity=identity, options=OPTS))
+    assert res.verified and seen and all(seen)
