@@ -310,8 +310,42 @@ class SendPump(threading.Thread):
         self.jobs.put(None)
 
 
+class _WriteBehind(threading.Thread):
+    """Writes a receive pump's verified chunks while the pump receives, opens and hashes the
+    next frame into its other buffer.  A direct (``O_DIRECT``) write waits for the device,
+    and writes to one file are serialized (``_Open.wlock``): done in line, every pump sat in
+    ``pwrite`` a good part of the time with its socket unread.  Posts ``verified`` once a
+    chunk is on disk, or ``storage`` (and then writes nothing more) when a write failed."""
+
+    def __init__(self, pump: "ReceivePump", write: Callable) -> None:
+        super().__init__(name=f"dxa-write-{pump.stream}", daemon=True)
+        self._pump = pump
+        self._write = write
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.failed = False
+
+    def run(self) -> None:
+        pump = self._pump
+        while (item := self.jobs.get()) is not None:
+            hdr, plain, free = item
+            if not self.failed:
+                try:
+                    self._write(hdr.file_id, hdr.offset, plain)
+                except DxaError as exc:
+                    self.failed = True
+                    pump._post(pump._on_result, pump, "storage", hdr, exc, hdr.payload_len)
+                else:
+                    pump._post(pump._on_result, pump, "verified", hdr, hdr.digest, hdr.payload_len)
+            del plain
+            free.set()
+
+
 class ReceivePump(threading.Thread):
-    """Reads DATA frames, opens and verifies them, writes them at their offset."""
+    """Reads DATA frames, opens and verifies them, and has them written at their offset.
+
+    Two plaintext buffers: while :class:`_WriteBehind` writes one chunk, the pump opens the
+    next into the other buffer.  Results reach the loop in order per pump: every write in
+    flight is finished before the pump reports ``eof`` or ``broken``."""
 
     def __init__(self, stream: int, sock: socket.socket, opener: Opener, check_header: Callable,
                  write: Callable | None, max_frame: int, post: Callable, on_result: Callable,
@@ -321,28 +355,39 @@ class ReceivePump(threading.Thread):
         self.sock = sock
         self._opener = opener
         self._check = check_header
-        self._write = write
         self._max_frame = max_frame
         self._post = post
         self._on_result = on_result
         self.stopping = False
         self.cell = cell if cell is not None else WireCell()  # bytes received, counted per recv_into()
-        self._rbuf = bytearray()  # frame bodies and plaintexts, reused (see SendPump)
-        self._pbuf = bytearray()
+        self._rbuf = bytearray()  # frame bodies, reused (see SendPump)
+        # plaintext buffers, each with "free" set while no write of it is in flight
+        self._pbufs = [bytearray(), bytearray()]
+        self._free = [threading.Event(), threading.Event()]
+        for ev in self._free:
+            ev.set()
+        self._writer = _WriteBehind(self, write) if write is not None else None
 
     def run(self) -> None:
+        if self._writer is not None:
+            self._writer.start()
+        outcome: tuple = ("eof", None)
         try:
             self._loop()
         except (OSError, RemoteProtocolError, DxaError) as exc:
-            if not self.stopping:
-                self._post(self._on_result, self, "broken", None, exc, 0)
-            return
+            outcome = ("broken", exc)
         finally:
             self.sock.close()
-        self._post(self._on_result, self, "eof", None, None, 0)
+            if self._writer is not None:
+                self._writer.jobs.put(None)
+                self._writer.join()
+        if outcome[0] == "broken" and self.stopping:
+            return
+        self._post(self._on_result, self, outcome[0], None, outcome[1], 0)
 
     def _loop(self) -> None:
-        sock, cell = self.sock, self.cell
+        sock, cell, writer = self.sock, self.cell, self._writer
+        slot = 0
         while True:
             prefix = recv_exactly(sock, PREFIX_LEN, None, cell)
             if prefix is None:
@@ -359,17 +404,24 @@ class ReceivePump(threading.Thread):
             header = bytes(prefix) + bytes(body[: DATA_HEADER_LEN - PREFIX_LEN])
             hdr = decode_data_header(header)
             self._check(hdr)
-            if len(self._pbuf) < hdr.payload_len:  # page-aligned (anonymous mmap): O_DIRECT writes take it as is
-                self._pbuf = mmap.mmap(-1, hdr.payload_len)
+            free = self._free[slot]
+            free.wait()  # that buffer's previous write is done
+            if writer is not None and writer.failed:
+                return
+            pbuf = self._pbufs[slot]
+            if len(pbuf) < hdr.payload_len:  # page-aligned (anonymous mmap): O_DIRECT writes take it as is
+                pbuf = self._pbufs[slot] = mmap.mmap(-1, hdr.payload_len)
             try:
-                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :], out=self._pbuf)
+                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :], out=pbuf)
             except IntegrityError as exc:
                 self._post(self._on_result, self, "rejected", hdr, str(exc), hdr.payload_len)
                 continue
-            if self._write is not None:
-                try:
-                    self._write(hdr.file_id, hdr.offset, plain)
-                except DxaError as exc:
-                    self._post(self._on_result, self, "storage", hdr, exc, hdr.payload_len)
-                    return
-            self._post(self._on_result, self, "verified", hdr, hdr.digest, hdr.payload_len)
+            if writer is None:
+                self._post(self._on_result, self, "verified", hdr, hdr.digest, hdr.payload_len)
+                continue
+            free.clear()
+            writer.jobs.put((hdr, plain, free))
+            if isinstance(plain, memoryview) and plain.obj is self._rbuf:
+                free.wait()  # unencrypted: the plaintext is the frame buffer, which the next recv reuses
+            else:
+                slot ^= 1
