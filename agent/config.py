@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 from agent.errors import ConfigError
-from agent.wire import CIPHERS
 
 __all__ = ["TransferOptions", "ServerConfig", "parse_size", "MIB"]
 
@@ -92,6 +91,9 @@ class TransferOptions:
     server, which uses the default (docs/PROTOCOL.md §5)."""
 
     def __post_init__(self) -> None:
+        # imported here, not with this module: parse_rate and parse_size need no data path
+        from agent.wire import CIPHERS
+
         if not (math.isfinite(self.ack_timeout) and self.ack_timeout >= 0):
             raise ConfigError("ack_timeout must be a finite number of seconds >= 0 (0 = off)")
         if self.rate < 0 or (self.rate and self.rate < 8000 * self.streams):

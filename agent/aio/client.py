@@ -17,10 +17,9 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
-from agent.aio.bench import BenchResult, BenchSender
 from agent.aio.control import ControlChannel
 from agent.aio.pacing import SharedPacer
 from agent.aio.net import tune_data_socket
@@ -61,6 +60,9 @@ from agent.wire import (
     encode_message,
     join_mac,
 )
+
+if TYPE_CHECKING:
+    from agent.aio.bench import BenchResult
 
 __all__ = ["Remote", "parse_remote", "copy", "bench", "CopyResult", "SessionObserver"]
 
@@ -349,6 +351,8 @@ async def _pull(remote: Remote, dest: str, identity: Identity, opts: TransferOpt
 async def bench(url: str, *, identity: Identity, seconds: float = 10.0, options: TransferOptions | None = None,
                 on_interval=None) -> BenchResult:
     """Memory-to-memory throughput through the data path (sealed and verified unless encrypt=False)."""
+    from agent.aio.bench import BenchResult, BenchSender  # dxa cp does not need it
+
     opts = options or TransferOptions()
     remote = parse_remote(url)
     conn = _Connection(remote, identity, opts)

@@ -8,17 +8,22 @@ to ``dxa controller serve``.  They are thin wrappers over
 Exit status: 0 ok, 1 another error of the scheduler, 2 refused by the scheduler (unknown
 reservation, not allowed, no room for the rate, wrong state), 4 the scheduler cannot be
 reached or refused our certificate.
+
+Registering the commands imports nothing of the scheduler (``dxa --help`` builds every
+command's parser): controller_stub is imported by the command that runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 
 EXIT_OK = 0
+
+STATES = ("submitted", "reserved", "transferring", "done", "failed", "cancelled")
+"""controller_stub.ledger.State values, for --state (kept equal to State by a test)."""
 
 
 def _target(args) -> str:
@@ -73,6 +78,8 @@ def cmd_list(args) -> int:
     async def go(c):
         reservations = await c.list_reservations(args.agent, states)
         if args.json:
+            import json
+
             print(json.dumps([reservation_dict(r) for r in reservations]))
         else:
             sys.stdout.write(_table(reservations))
@@ -88,6 +95,8 @@ def cmd_show(args) -> int:
         sites, agents, links = await c.topology()
         now = time.time()
         if args.json:
+            import json
+
             print(json.dumps({
                 "sites": sites,
                 "agents": [{"name": a.name, "site": a.site, "addresses": list(a.addresses),
@@ -147,6 +156,8 @@ def cmd_release(args) -> int:
 def _print_change(args, r, admitted, headline: str) -> None:
     """A changed reservation and the waiters it let in: JSON, or the headline and one line each."""
     if args.json:
+        import json
+
         print(json.dumps({"reservation": reservation_dict(r), "admitted": [reservation_dict(a) for a in admitted]}))
         return
     print(headline + "".join(f"\nadmitted {a.id} ({a.request.source} -> {a.request.destination})" for a in admitted))
@@ -154,8 +165,6 @@ def _print_change(args, r, admitted, headline: str) -> None:
 
 def add_commands(controller_sub, common: argparse.ArgumentParser) -> None:
     """Register list, show, rate and release under ``dxa controller``."""
-    from controller_stub.ledger import State
-
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--controller", metavar="HOST:PORT",
                         help="the scheduler (dxa controller serve); default: controller in [serve] of the config "
@@ -173,7 +182,7 @@ def add_commands(controller_sub, common: argparse.ArgumentParser) -> None:
         description="List the scheduler's reservations in arrival order: state, agents, granted rate, window "
                     "and,\nfor a released one, why (done, lease expired, window ended, preempted...).")
     s.add_argument("--agent", metavar="NAME", help="only reservations this agent sends or receives")
-    s.add_argument("--state", dest="states", action="append", choices=[st.value for st in State],
+    s.add_argument("--state", dest="states", action="append", choices=list(STATES),
                    help="only reservations in this state (repeat for several)")
     s.set_defaults(func=cmd_list)
 

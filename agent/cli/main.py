@@ -3,17 +3,18 @@
 Settings resolve as: config file (``$DXA_HOME/config.toml`` or ``--config``) <
 environment (``DXA_*``) < flags, from the one table in agent/cli/settings.py (every flag
 that sets a value has a key there).  Human messages for errors are formatted here.
+
+Start-up time counts (a small ``dxa cp`` is mostly start-up): this module imports only what
+building the parser needs; a command imports its implementation, and the standard library
+it alone uses (asyncio, json, logging...), inside its function.  ``build_parser`` imports
+no implementation module (tests/unit/test_cli_config.py checks that ``dxa cp`` never
+imports the scheduler, controller_stub).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
 import os
-import resource
-import signal
 import sys
 import time
 
@@ -110,6 +111,8 @@ def _transfer_options(args, s: argparse.Namespace):
 
 
 def _setup_logging(args, *, daemon: bool = False) -> None:
+    import logging
+
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if (args.verbose or daemon) else logging.WARNING
     if getattr(args, "quiet", False) and not daemon:
         level = logging.ERROR
@@ -118,6 +121,8 @@ def _setup_logging(args, *, daemon: bool = False) -> None:
 
 
 def _raise_fd_limit() -> None:
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
@@ -159,6 +164,8 @@ class _ProgressBar:
         sys.stderr.flush()
 
     async def run(self) -> None:
+        import asyncio
+
         while True:
             self.draw()
             await asyncio.sleep(0.2)
@@ -174,6 +181,9 @@ def _write_port_file(path: str | None, port: int) -> None:
 
 async def _until_stopped() -> None:
     """Wait for SIGINT or SIGTERM (daemons stop cleanly on either)."""
+    import asyncio
+    import signal
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -183,6 +193,8 @@ async def _until_stopped() -> None:
 
 # -- commands --------------------------------------------------------------------------
 def cmd_init(args) -> int:
+    import json
+
     from agent.store.pki import init_home, issue_cert
 
     home = _home(args)
@@ -206,6 +218,9 @@ def cmd_init(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
     from agent._native import IMPLEMENTATION
     from agent.aio.server import Server
     from agent.config import ServerConfig
@@ -306,6 +321,8 @@ async def _stop_transfers(server, manager) -> None:
 
 
 def cmd_cp(args) -> int:
+    import asyncio
+
     from agent.aio.client import copy
     from agent.aio.session import Progress
 
@@ -329,6 +346,8 @@ def cmd_cp(args) -> int:
 
     result = asyncio.run(main())
     if args.json:
+        import json
+
         print(json.dumps(result.as_dict()))
     elif not args.quiet:
         moved = result.bytes_total - result.bytes_skipped
@@ -342,6 +361,9 @@ def cmd_cp(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import asyncio
+    import json
+
     from agent.aio.client import bench
 
     _setup_logging(args)
@@ -372,6 +394,8 @@ def cmd_bench(args) -> int:
 
 def cmd_controller_serve(args) -> int:
     """``dxa controller serve``: the scheduler's gRPC server (implemented in controller_stub.server)."""
+    import asyncio
+    import logging
 
     from controller_stub.errors import LedgerStoreError
     from controller_stub.ledger import LedgerConfig
@@ -420,6 +444,8 @@ def cmd_controller_serve(args) -> int:
 
 def cmd_config(args) -> int:
     """``dxa config [SECTION...]``: the effective settings, without flags, and where each comes from."""
+    import json
+
     from agent.cli.settings import SECTIONS, resolve, suggest
 
     for section in args.sections:
@@ -456,7 +482,33 @@ def _keys_epilog(section: str) -> str:
             f"(flags win; see dxa --help); dxa config {section} shows the effective values.")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Skipped:
+    """The parser of a command this run does not run: takes every call, builds nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self
+
+
+class _OneCommand:
+    """The subparsers of ``dxa`` with only ``command`` built (``build_parser(command)``).
+
+    argparse hands every word after the command to that command's parser alone, so a run
+    parses the same without the others; building them all (a gettext look-up per parser,
+    a formatter per flag) is most of the parser's cost in every ``dxa cp``."""
+
+    def __init__(self, sub, command: str) -> None:
+        self.sub, self.command, self.found = sub, command, False
+
+    def add_parser(self, name: str, **kwargs):
+        if name != self.command:
+            return _Skipped()
+        self.found = True
+        return self.sub.add_parser(name, **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``dxa`` parser; with ``command`` (the first word of argv), only that command's subparser
+    is built (the whole parser if ``command`` is not one: argparse then says what is)."""
     # Every flag that sets a value has a key in agent/cli/settings.py (flags default to None: "not given").
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--home", metavar="DIR",
@@ -498,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="dxa: chunked, parallel, resumable, end-to-end encrypted and verified bulk data transfer.")
     p.add_argument("--version", action="version", version=f"dxa {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    one = None if command is None else _OneCommand(sub, command)
+    sub = one or sub
 
     s = sub.add_parser("init", parents=[common], help="create a local CA and this node's certificate (if missing)",
                        epilog=_keys_epilog("init"),
@@ -637,12 +691,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _add_transfer_commands(sub, common)
+    if one is not None and not one.found:
+        return build_parser()
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(words[0] if words and not words[0].startswith("-") else None)
+    args = parser.parse_args(words)
     if getattr(args, "verbose", 0) < 2:  # gRPC's C core logs to stderr on its own; our messages say it
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if args.command == "cp" and len(args.paths) < 2:

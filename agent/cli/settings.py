@@ -20,7 +20,6 @@ bench URL, ``-r``, ``init --issue/--out``), how to print this run (``--json``, `
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Mapping
@@ -159,6 +158,8 @@ class Resolved:
 
 
 def suggest(word: str, candidates) -> str:
+    import difflib  # only for a mistake: not on every run
+
     close = difflib.get_close_matches(word, list(candidates), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -212,12 +213,12 @@ def _convert(s: Setting, value: object, where: str, *, text: bool) -> object:
 
 def load_config(path: str, *, explicit: bool = False) -> Config:
     """Read and check the TOML file at ``path``; a missing file is an empty config unless ``explicit``."""
-    import tomllib
-
     if not os.path.exists(path):
         if explicit:
             raise ConfigError(f"{path}: config file not found")
         return Config()
+    import tomllib  # not imported when there is no file to read
+
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)

@@ -10,8 +10,6 @@ cannot be reached or refused our certificate.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 4
@@ -50,6 +48,8 @@ def _line(t) -> str:
 
 def _print(args, transfers, *, many: bool = False) -> None:
     if args.json:
+        import json
+
         print(json.dumps([t.as_dict() for t in transfers] if many else transfers[0].as_dict()))
     else:
         for t in transfers:
@@ -59,6 +59,8 @@ def _print(args, transfers, *, many: bool = False) -> None:
 def run_grpc(where: str, make_client, coro_fn) -> int:
     """Run ``coro_fn(client)`` with ``make_client()`` (an async context manager); a refused call
     prints why and maps to an exit status (shared with agent/cli/controller.py)."""
+    import asyncio
+
     import grpc
 
     from agent.service.credentials import GrpcCallError
@@ -204,6 +206,9 @@ def _table(rows: list[tuple]) -> str:
 
 def cmd_watch(args) -> int:
     """A live table: one transfer (following its event stream) or all of them (polled)."""
+    import asyncio
+    import json
+
     from agent.service.transfers import Progressed, RateChanged, StateChanged
 
     tty = sys.stdout.isatty() and not args.json

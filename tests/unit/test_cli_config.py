@@ -221,3 +221,57 @@ def test_dxa_init_takes_the_node_name_from_the_file(home, capsys):
 def test_site_or_capacity_without_a_controller_is_an_error(home, tmp_path, capsys):
     assert main(["serve", "--root", str(tmp_path / "r"), "--site", "geneva"]) == 2
     assert "--controller" in capsys.readouterr().err
+
+
+# -- start-up: what building the parser and dxa cp import (no timing: which modules) ---------
+def _new_modules(code: str, tmp_path) -> list[str]:
+    """Run ``code`` in a fresh interpreter; the modules it imported (not those of start-up)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys\nbefore = set(sys.modules)\n" + code +
+              "\nprint('\\n'.join(sorted(set(sys.modules) - before)))\n")
+    env = dict(os.environ, DXA_HOME=str(tmp_path / "empty-home"))  # no identity: dxa cp stops before connecting
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return out.split()
+
+
+def test_building_the_parser_imports_no_command(tmp_path):
+    new = _new_modules("import agent.cli.main as m\nm.build_parser()\nm.build_parser('cp')", tmp_path)
+    assert "agent.cli.main" in new
+    heavy = ("controller_stub", "asyncio", "json", "grpc", "cryptography", "agent.aio", "agent.service",
+             "agent.store", "agent.wire", "agent.config")
+    assert not [m for m in new if m.startswith(heavy)]
+
+
+def test_dxa_cp_does_not_import_the_scheduler(tmp_path):
+    new = _new_modules("import agent.cli.main as m\nassert m.main(['cp', 'a', 'dxa://127.0.0.1:1/b']) == 2",
+                       tmp_path)
+    assert "agent.aio.client" in new  # cp got as far as loading the identity (refused: there is none)
+    assert not [m for m in new if m.startswith(("controller_stub", "agent.aio.bench", "agent.service"))]
+
+
+@pytest.mark.parametrize("argv", [
+    ["cp", "-r", "--streams", "8", "a", "b", "dxa://h:1/c"], ["cp", "dxa://h:1/c", "d", "--json", "-q"],
+    ["serve", "--root", "r", "--no-fsync"], ["init", "--name", "n"], ["bench", "dxa://h:1", "-t", "2"],
+    ["config", "cp", "--json"], ["controller", "serve", "--listen", "h:1"],
+    ["controller", "list", "--state", "done"], ["controller", "rate", "r1", "1G"],
+    ["submit", "--agent", "h:1", "a", "dxa://h:2/b", "--rate", "1G"], ["status", "--agent", "h:1"],
+    ["rate", "--agent", "h:1", "j1", "0"], ["watch", "--agent", "h:1", "--until-done"],
+])
+def test_a_parser_of_one_command_parses_like_the_whole_parser(argv):
+    assert vars(build_parser(argv[0]).parse_args(argv)) == vars(build_parser().parse_args(argv))
+    assert set(_subcommands(build_parser(argv[0]))) == {argv[0]}
+
+
+def test_a_parser_of_no_command_is_the_whole_parser():
+    assert set(_subcommands(build_parser("cpx"))) == set(_subcommands(build_parser()))
+
+
+def test_the_cli_state_choices_are_the_reservation_states():
+    from agent.cli.controller import STATES
+    from controller_stub.ledger import State
+
+    assert STATES == tuple(s.value for s in State)
