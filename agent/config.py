@@ -41,6 +41,16 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def parse_host_port(text: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9400`` for IPv6) → (host without brackets, port).
+
+    ``what`` names the flag in the error: ``ConfigError("--listen wants HOST:PORT, got ...")``."""
+    host, _, port = str(text).rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} wants HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def parse_rate(text: str | int) -> int:
     """'200M', '1.5G', '800k', '100000' → bits per second (decimal multiples, like rsync/FDT)."""
     if isinstance(text, int):

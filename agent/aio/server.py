@@ -105,11 +105,12 @@ class Server:
 
     # -- metrics (--metrics HOST:PORT; agent/service/metrics.py) ----------------------------
     async def _start_metrics(self) -> None:
-        from agent.service.metrics import ServerMetrics, parse_listen
+        from agent.config import parse_host_port
+        from agent.service.metrics import ServerMetrics
 
         metrics = ServerMetrics()
         try:
-            host, port = parse_listen(self.config.metrics)
+            host, port = parse_host_port(self.config.metrics, "--metrics")
             metrics.start(host, port)
         except ConfigError:
             await self.close()

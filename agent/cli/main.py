@@ -223,17 +223,15 @@ def cmd_serve(args) -> int:
 
     from agent._native import IMPLEMENTATION
     from agent.aio.server import Server
-    from agent.config import ServerConfig
+    from agent.config import ServerConfig, parse_host_port
 
     _setup_logging(args, daemon=True)
     s = _settings(args, "serve")
     listen, root = s.listen, s.root
     if not root:
         raise ConfigError("dxa serve needs --root DIR (or root = ... in [serve] of the config file)")
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--listen wants HOST:PORT, got {listen!r}")
-    config = ServerConfig(root=root, host=host.strip("[]"), port=int(port),
+    host, port = parse_host_port(listen, "--listen")
+    config = ServerConfig(root=root, host=host, port=port,
                           state_dir=s.state_dir or "", fsync=s.fsync, metrics=s.metrics or "",
                           buffered_writes=s.buffered_writes)
     controller = _controller_settings(s)
@@ -268,7 +266,7 @@ def cmd_serve(args) -> int:
 
 def _controller_settings(s: argparse.Namespace) -> tuple[str, str, int] | None:
     """``--controller HOST:PORT`` with ``--site`` and ``--capacity`` (bits/s), or None (the default: no scheduler)."""
-    from agent.config import parse_rate
+    from agent.config import parse_host_port, parse_rate
 
     target = s.controller
     if not target:
@@ -276,9 +274,7 @@ def _controller_settings(s: argparse.Namespace) -> tuple[str, str, int] | None:
             raise ConfigError("--site and --capacity (site, capacity in [serve]) describe this agent to a "
                               "scheduler: give --controller HOST:PORT too, or drop them")
         return None
-    host, _, port = str(target).rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--controller wants HOST:PORT, got {target!r}")
+    parse_host_port(target, "--controller")
     site, capacity = s.site, s.capacity
     if not site or not capacity:
         raise ConfigError("dxa serve --controller needs --site NAME and --capacity RATE (this agent's link, bits/s)")
@@ -397,6 +393,7 @@ def cmd_controller_serve(args) -> int:
     import asyncio
     import logging
 
+    from agent.config import parse_host_port
     from controller_stub.errors import LedgerStoreError
     from controller_stub.ledger import LedgerConfig
     from controller_stub.server import ControllerServer
@@ -407,23 +404,20 @@ def cmd_controller_serve(args) -> int:
     for key in ("listen", "topology", "state"):
         if not getattr(s, key):
             raise ConfigError(f"dxa controller serve needs --{key} (or {key} = ... in [controller] of the config file)")
-    host, _, port = s.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--listen wants HOST:PORT, got {s.listen!r}")
+    host, port = parse_host_port(s.listen, "--listen")
     if not s.lease_timeout > 0:  # finite: the settings table checks floats
         raise ConfigError(f"--lease-timeout must be a positive number of seconds, got {s.lease_timeout}")
     topology = load_topology(s.topology)
     identity = _identity(args)
     metrics = None
     if s.metrics:
-        from agent.service.metrics import parse_listen
 
-        metrics = parse_listen(s.metrics)
+        metrics = parse_host_port(s.metrics, "--metrics")
     log = logging.getLogger("controller_stub.serve")
     log.info("dxa %s controller, node %s, topology %s", __version__, identity.name, s.topology)
 
     async def main() -> None:
-        server = ControllerServer(identity, topology, s.state, host=host.strip("[]"), port=int(port),
+        server = ControllerServer(identity, topology, s.state, host=host, port=port,
                                   config=LedgerConfig(lease_timeout=s.lease_timeout), admins=s.admins,
                                   metrics=metrics)
         await server.start()

@@ -18,6 +18,8 @@ from google.protobuf import timestamp_pb2
 
 from agent._proto.dxa.agent.v1 import agent_pb2 as pb
 from agent._proto.dxa.agent.v1 import agent_pb2_grpc as pb_grpc
+from agent.config import parse_host_port
+from agent.errors import ConfigError
 from agent.service.transfers import (
     InvalidTransferError,
     JobError,
@@ -96,10 +98,11 @@ def spec_to_proto(spec: TransferSpec) -> pb.TransferSpec:
 
 
 def spec_from_proto(msg: pb.TransferSpec) -> TransferSpec:
-    host, _, port = msg.destination.agent.rpartition(":")
-    if not host or not port.isdigit():
+    try:
+        parse_host_port(msg.destination.agent)
+    except ConfigError:
         raise InvalidTransferError(f"the destination agent must be HOST:PORT of its dxa serve, got "
-                                   f"{msg.destination.agent!r}")
+                                   f"{msg.destination.agent!r}") from None
     destination = f"dxa://{msg.destination.agent}/{msg.destination.path.lstrip('/')}"
     return TransferSpec(source=msg.source.path, destination=destination,
                         rate_bps=msg.rate_bps if msg.HasField("rate_bps") else 0, priority=msg.priority,

@@ -128,14 +128,12 @@ async def start_daemon_service(listen: str, root: str, db_path: str, identity: I
                                ) -> tuple[TransferServer, JobManager]:
     """What ``dxa serve --grpc HOST:PORT`` starts next to the data port: the jobs of ``db_path``
     (unfinished ones resume) and the gRPC server.  Stop with :func:`stop_daemon_service`."""
-    from agent.errors import ConfigError
+    from agent.config import parse_host_port
 
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--grpc wants HOST:PORT, got {listen!r}")
+    host, port = parse_host_port(listen, "--grpc")
     manager = JobManager(root, db_path, identity, scheduler=scheduler, metrics=metrics)
     await manager.start()
-    server = TransferServer(manager, identity, host.strip("[]"), int(port), clients=clients)
+    server = TransferServer(manager, identity, host, port, clients=clients)
     try:
         await server.start()
     except BaseException:

@@ -48,9 +48,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent.aio.session import ReceiverSession, SenderSession
-from agent.errors import ConfigError
 
-__all__ = ["SampledCollector", "ServerMetrics", "TcpInfo", "parse_listen", "parse_tcp_info", "read_tcp_info"]
+__all__ = ["SampledCollector", "ServerMetrics", "TcpInfo", "parse_tcp_info", "read_tcp_info"]
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +93,6 @@ def read_tcp_info(sock: socket.socket) -> TcpInfo | None:
         return parse_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, opt, TCP_INFO_LEN))
     except (OSError, ValueError):
         return None
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9400`` for IPv6) → (host, port)."""
-    host, _, port = str(text).rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"--metrics wants HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
 
 
 @dataclass

@@ -15,12 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.aio.client import copy
 from agent.aio.session import Progress
-from agent.config import ServerConfig, TransferOptions
+from agent.config import ServerConfig, TransferOptions, parse_host_port
 from agent.errors import ConfigError
 from agent.service.metrics import (
     TCP_INFO_LEN,
     ServerMetrics,
-    parse_listen,
     parse_tcp_info,
     read_tcp_info,
 )
@@ -261,12 +260,12 @@ def test_bad_metrics_address_is_a_config_error(tmp_path, identity):
     asyncio.run(main())
 
 
-def test_parse_listen():
-    assert parse_listen("0.0.0.0:9400") == ("0.0.0.0", 9400)
-    assert parse_listen("[::1]:0") == ("::1", 0)
+def test_parse_host_port():
+    assert parse_host_port("0.0.0.0:9400") == ("0.0.0.0", 9400)
+    assert parse_host_port("[::1]:0") == ("::1", 0)
     for bad in ("9400", "host:", "host:x", ":80", "h:70000"):
-        with pytest.raises(ConfigError):
-            parse_listen(bad)
+        with pytest.raises(ConfigError, match="--metrics wants HOST:PORT"):
+            parse_host_port(bad, "--metrics")
 
 
 def _packed_tcp_info(rtt: int, rttvar: int, total_retrans: int) -> bytes:
