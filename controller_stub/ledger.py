@@ -24,7 +24,6 @@ Rules it must never break (docs/CONTROL.md has the reasoning):
 from __future__ import annotations
 
 import enum
-import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -137,6 +136,11 @@ class Agent:
     def downlink(self) -> str:
         return f"{self.site}>{self.name}"
 
+    def access_links(self) -> tuple[Link, Link]:
+        """Its uplink (agent → site) and downlink (site → agent), at its own capacity."""
+        return (Link(self.uplink, self.name, self.site, self.capacity_bps),
+                Link(self.downlink, self.site, self.name, self.capacity_bps))
+
 
 @dataclass(frozen=True)
 class AgentRegistration:
@@ -187,8 +191,8 @@ class ReservationRequest:
     def __post_init__(self) -> None:
         for name in ("rate_bps", "volume_bytes"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_INT):
-                raise InvalidRequestError(f"{name} must be a positive integer below 2**63", value)
+            if value is not None:
+                _positive_int(value, f"{name} must be a positive integer below 2**63")
         if self.rate_bps is None and (self.volume_bytes is None or self.finish_by is None):
             raise InvalidRequestError("need rate_bps, or volume_bytes with finish_by (deadline mode)")
         if self.not_before is not None and self.finish_by is not None and self.finish_by <= self.not_before:
@@ -346,8 +350,7 @@ class Ledger:
         self._reservations: dict[str, Reservation] = {}
         self._active = _Index()
         self._waiting: list[str] = []  # kept sorted by queue_key
-        self._seq = itertools.count(1)
-        self._next_seq = 1
+        self._next_seq = 1  # the next reservation's seq (and id "r<seq>"); saved in snapshots
         self._events: deque[Event] = deque()
 
     # ----------------------------------------------------------------- topology
@@ -434,9 +437,9 @@ class Ledger:
             self.add_site(site)
         agent = Agent(name, site, tuple(addresses), _check_capacity(capacity_bps), now + self.config.lease_timeout)
         self._agents[name] = agent
-        self._set_link(Link(agent.uplink, name, site, agent.capacity_bps), now, backbone=False)
-        self._set_link(Link(agent.downlink, site, name, agent.capacity_bps), now, backbone=False)
-        self._admit_waiters(now)
+        for link in agent.access_links():
+            self._set_link(link, now, backbone=False, admit=False)
+        self._admit_waiters(now)  # once, after both links
         return agent
 
     def register(self, registration: AgentRegistration, now: float) -> Agent:
@@ -467,8 +470,8 @@ class Ledger:
         path = self._check_path(req) if req.path is not None else self.route(req.source, req.destination)
         rate, start, end = self._plan(req, now)
         self._check_rate_fits_path(rate, path)
-        seq = next(self._seq)
-        self._next_seq = seq + 1
+        seq = self._next_seq
+        self._next_seq += 1
         r = Reservation(f"r{seq}", req, path, rate, start, end, State.SUBMITTED, seq, now)
         self._reservations[r.id] = r
         self._enqueue(r)
@@ -513,8 +516,7 @@ class Ledger:
         A raise is admitted only if every link on the path has room for it; a lowering
         always is, and the freed rate goes to the waiters at once (returned second).
         """
-        if not isinstance(rate_bps, int) or isinstance(rate_bps, bool) or not 0 < rate_bps <= MAX_INT:
-            raise InvalidRequestError("rate_bps must be a positive integer below 2**63", rate_bps)
+        _positive_int(rate_bps, "rate_bps must be a positive integer below 2**63")
         self.tick(now)
         r = self.get(reservation_id)
         if not r.state.holds_capacity:
@@ -631,8 +633,8 @@ class Ledger:
             if not agent.expired:
                 agent = replace(agent, lease_expires=now + ledger.config.lease_timeout)
             ledger._agents[agent.name] = agent
-            ledger._links[agent.uplink] = Link(agent.uplink, agent.name, agent.site, agent.capacity_bps)
-            ledger._links[agent.downlink] = Link(agent.downlink, agent.site, agent.name, agent.capacity_bps)
+            for link in agent.access_links():
+                ledger._links[link.id] = link
         for r in snap.reservations:
             ledger._reservations[r.id] = r
             if r.state.holds_capacity:
@@ -640,7 +642,6 @@ class Ledger:
             elif r.state is State.SUBMITTED:
                 ledger._waiting.append(r.id)
         ledger._waiting.sort(key=lambda i: ledger._reservations[i].queue_key)
-        ledger._seq = itertools.count(snap.next_seq)
         ledger._next_seq = snap.next_seq
         return ledger
 
@@ -658,12 +659,13 @@ class Ledger:
             raise LeaseExpiredError(name, agent.lease_expires)
         return agent
 
-    def _set_link(self, link: Link, now: float, *, backbone: bool) -> Link:
+    def _set_link(self, link: Link, now: float, *, backbone: bool, admit: bool = True) -> Link:
         self._links[link.id] = link
         if backbone:
             self._backbone.add(link.id)
         self._shed(link, now)
-        self._admit_waiters(now)
+        if admit:
+            self._admit_waiters(now)
         return link
 
     def _shed(self, link: Link, now: float) -> None:
@@ -797,7 +799,12 @@ class Ledger:
                 self._release(r, State.FAILED, reason)
 
 
+def _positive_int(value, message: str) -> int:
+    """``value`` if it is an int (not a bool) in 1..2**63-1, else InvalidRequestError(message, value)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_INT:
+        raise InvalidRequestError(message, value)
+    return value
+
+
 def _check_capacity(capacity_bps: int) -> int:
-    if not isinstance(capacity_bps, int) or isinstance(capacity_bps, bool) or not 0 < capacity_bps <= MAX_INT:
-        raise InvalidRequestError("capacity must be a positive integer below 2**63 (bits per second)", capacity_bps)
-    return capacity_bps
+    return _positive_int(capacity_bps, "capacity must be a positive integer below 2**63 (bits per second)")
