@@ -573,7 +573,9 @@ def test_an_operator_lists_rerates_and_cancels_reservations_with_the_cli(small):
     from tests.conftest import dxa
 
     s = small
-    (s.a.root / "op.bin").write_bytes(os.urandom(2 << 20))  # 8 s at 2 Mbit/s
+    # 32 s at 2 Mbit/s: still running when the last CLI call releases it, even when each
+    # `dxa` call takes seconds to start (a loaded CI machine)
+    (s.a.root / "op.bin").write_bytes(os.urandom(8 << 20))
     ops = s.tmp / "sched"  # the scheduler's own home: an --admin of this scheduler
     gamma = s.tmp / "gamma-home"
     issue_cert(s.tmp / "sched", "gamma", gamma)  # same CA, not a party, not an admin
