@@ -273,7 +273,16 @@ def _result(direction: str, stats: SessionStats, seconds: float, opts: TransferO
 
 
 async def _open_streams(conn: _Connection, n: int) -> list[socket.socket]:
-    socks = await asyncio.gather(*(conn.join(i) for i in range(n)), return_exceptions=True)
+    joins = [asyncio.ensure_future(conn.join(i)) for i in range(n)]
+    try:
+        socks = await asyncio.gather(*joins, return_exceptions=True)
+    except asyncio.CancelledError:
+        # gather cancels the joins still running (each closes the socket it opens); the
+        # sockets of those that finished first are ours to close (a job cancelled mid-join)
+        for j in joins:
+            if j.done() and not j.cancelled() and j.exception() is None:
+                j.result().close()
+        raise
     errors = [s for s in socks if isinstance(s, BaseException)]
     if errors:
         for s in socks:
