@@ -343,9 +343,12 @@ class _WriteBehind(threading.Thread):
 class ReceivePump(threading.Thread):
     """Reads DATA frames, opens and verifies them, and has them written at their offset.
 
-    Two plaintext buffers: while :class:`_WriteBehind` writes one chunk, the pump opens the
-    next into the other buffer.  Results reach the loop in order per pump: every write in
-    flight is finished before the pump reports ``eof`` or ``broken``."""
+    Two frame buffers (slots), page-aligned (anonymous ``mmap``): a frame's payload and tag
+    are received into a free slot and opened in place, so the plaintext starts on a page
+    boundary and a direct (``O_DIRECT``) write takes it as it is, with no second buffer.
+    While :class:`_WriteBehind` writes one slot's chunk, the pump receives and opens the next
+    frame into the other.  Results reach the loop in order per pump: every write in flight
+    is finished before the pump reports ``eof`` or ``broken``."""
 
     def __init__(self, stream: int, sock: socket.socket, opener: Opener, check_header: Callable,
                  write: Callable | None, max_frame: int, post: Callable, on_result: Callable,
@@ -360,9 +363,10 @@ class ReceivePump(threading.Thread):
         self._on_result = on_result
         self.stopping = False
         self.cell = cell if cell is not None else WireCell()  # bytes received, counted per recv_into()
-        self._rbuf = bytearray()  # frame bodies, reused (see SendPump)
-        # plaintext buffers, each with "free" set while no write of it is in flight
-        self._pbufs = [bytearray(), bytearray()]
+        self._hbuf = bytearray(DATA_HEADER_LEN - PREFIX_LEN)  # the rest of a DATA header
+        # payload + tag of a frame, opened in place, reused (see SendPump); each slot's
+        # "free" is set while no write of it is in flight
+        self._slots: list = [bytearray(), bytearray()]
         self._free = [threading.Event(), threading.Event()]
         for ev in self._free:
             ev.set()
@@ -387,32 +391,39 @@ class ReceivePump(threading.Thread):
 
     def _loop(self) -> None:
         sock, cell, writer = self.sock, self.cell, self._writer
+        rest = DATA_HEADER_LEN - PREFIX_LEN
         slot = 0
         while True:
             prefix = recv_exactly(sock, PREFIX_LEN, None, cell)
             if prefix is None:
                 return
             ftype, length = check_prefix(prefix, self._max_frame)
-            if len(self._rbuf) < length:
-                self._rbuf = bytearray(length)
-            body = memoryview(self._rbuf)[:length] if recv_exactly(sock, length, self._rbuf, cell) is not None else None
-            if body is None:
-                raise ConnectionResetError("connection closed in the middle of a frame")
             if ftype != FrameType.DATA:
+                body = recv_exactly(sock, length, None, cell) if length else b""
+                if body is None:
+                    raise ConnectionResetError("connection closed in the middle of a frame")
                 msg = decode_message(ftype, bytes(body))
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} on a data connection")
-            header = bytes(prefix) + bytes(body[: DATA_HEADER_LEN - PREFIX_LEN])
+            if length < rest:
+                raise RemoteProtocolError("truncated DATA header")
+            if recv_exactly(sock, rest, self._hbuf, cell) is None:
+                raise ConnectionResetError("connection closed in the middle of a frame")
+            header = bytes(prefix) + bytes(self._hbuf)
             hdr = decode_data_header(header)
             self._check(hdr)
             free = self._free[slot]
-            free.wait()  # that buffer's previous write is done
+            free.wait()  # that slot's previous write is done
             if writer is not None and writer.failed:
                 return
-            pbuf = self._pbufs[slot]
-            if len(pbuf) < hdr.payload_len:  # page-aligned (anonymous mmap): O_DIRECT writes take it as is
-                pbuf = self._pbufs[slot] = mmap.mmap(-1, hdr.payload_len)
+            n = length - rest  # payload and tag
+            buf = self._slots[slot]
+            if len(buf) < n:
+                buf = self._slots[slot] = mmap.mmap(-1, n)
+            frame = memoryview(buf)[:n]
+            if recv_exactly(sock, n, frame, cell) is None:
+                raise ConnectionResetError("connection closed in the middle of a frame")
             try:
-                plain = self._opener.open(hdr, header, body[DATA_HEADER_LEN - PREFIX_LEN :], out=pbuf)
+                plain = self._opener.open(hdr, header, frame, out=frame)  # in place
             except IntegrityError as exc:
                 self._post(self._on_result, self, "rejected", hdr, str(exc), hdr.payload_len)
                 continue
@@ -421,7 +432,4 @@ class ReceivePump(threading.Thread):
                 continue
             free.clear()
             writer.jobs.put((hdr, plain, free))
-            if isinstance(plain, memoryview) and plain.obj is self._rbuf:
-                free.wait()  # unencrypted: the plaintext is the frame buffer, which the next recv reuses
-            else:
-                slot ^= 1
+            slot ^= 1
