@@ -169,9 +169,11 @@ def test_dxa_bench_reports_intervals_and_a_verified_total(tmp_path, home, daemon
     assert list((tmp_path / "root").iterdir()) in ([], [tmp_path / "root" / ".dxa"])  # nothing written
 
 
-def test_big_files_are_written_with_o_direct_and_arrive_identical(tmp_path, identity, monkeypatch):
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_big_files_are_written_with_o_direct_and_arrive_identical(tmp_path, identity, monkeypatch, encrypt):
     """Whole aligned chunks of a file of 8 MiB or more go through the O_DIRECT descriptor
-    (where the file system has it); the unaligned tail through the page cache."""
+    (where the file system has it); the unaligned tail through the page cache.  Sealed or
+    not (--no-encrypt), the plaintext sits page-aligned in the pump's slot."""
     import os as _os
 
     from agent.store import receiving
@@ -198,11 +200,12 @@ def test_big_files_are_written_with_o_direct_and_arrive_identical(tmp_path, iden
     try:
         src = tmp_path / "big.bin"
         src.write_bytes(_os.urandom((9 << 20) + 1234))  # 9 MiB + an unaligned tail
-        opts = TransferOptions.for_test(compress="off", chunk_size=1 << 20)
+        opts = TransferOptions.for_test(compress="off", chunk_size=1 << 20, encrypt=encrypt)
         res = asyncio.run(copy([str(src)], srv.url("big.bin"), identity=identity, options=opts))
     finally:
         srv.close()
-    assert res.verified and (tmp_path / "root" / "big.bin").read_bytes() == src.read_bytes()
+    assert res.verified and res.encrypted == encrypt
+    assert (tmp_path / "root" / "big.bin").read_bytes() == src.read_bytes()
     assert writes["direct"] >= 9 and writes["buffered"] >= 1, writes
 
 
