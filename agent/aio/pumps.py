@@ -255,9 +255,9 @@ class SendPump(threading.Thread):
         # bytes sent, counted per send() (WireCell): what the session's rate is measured from
         self.cell = cell if cell is not None else WireCell()
         self._out = _CountingSocket(sock, self.cell)
-        # one read buffer and one frame buffer per pump, reused chunk after chunk: no
-        # per-chunk allocation or zero-fill (sendall returns before the next seal)
-        self._rbuf = bytearray()
+        # one frame buffer per pump, reused chunk after chunk (no per-chunk allocation or
+        # zero-fill; sendall returns before the next read): the chunk is read into the
+        # payload's place, hashed, and sealed there in place
         self._fbuf = bytearray()
 
     def run(self) -> None:
@@ -281,11 +281,11 @@ class SendPump(threading.Thread):
                 continue
             if job is None:
                 return
-            if len(self._rbuf) < job.length:
-                self._rbuf = bytearray(job.length)
+            if len(self._fbuf) < job.length + FRAME_OVERHEAD:
                 self._fbuf = bytearray(job.length + FRAME_OVERHEAD)
             try:
-                data = self._reader.read(job, self._rbuf)
+                # read where the payload goes in the frame: hashed, then sealed in place
+                data = self._reader.read(job, memoryview(self._fbuf)[DATA_HEADER_LEN:])
             except (SourceChanged, OSError) as exc:
                 self._post(self._on_result, self, "source_failed", job, str(exc), 0)
                 continue

@@ -110,7 +110,9 @@ class Sealer:
         """Frame ``plain`` (bytes-like).  ``compress``: 'off', 'zstd' (always) or 'auto' (if a sample shrinks).
 
         With ``out`` (at least ``len(plain) + FRAME_OVERHEAD`` bytes) the frame is built in
-        it and ``SealedChunk.frame`` is a view of it, valid until ``out`` is reused."""
+        it and ``SealedChunk.frame`` is a view of it, valid until ``out`` is reused.
+        ``plain`` may be ``out[DATA_HEADER_LEN:]`` itself (how SendPump reads a chunk): it is
+        then sealed in place, after the digest and the compression sample were taken."""
         flags = 0
         body = plain
         if compress == "zstd" or (compress == "auto" and compressible(plain)):

@@ -35,6 +35,7 @@ from agent.wire import (
     DATA_HEADER_LEN,
     FLAG_COMPRESSED,
     FLAG_ENCRYPTED,
+    FRAME_OVERHEAD,
     KIND_DIR,
     KIND_FILE,
     KIND_LINK,
@@ -947,3 +948,21 @@ def test_manifest_entry_chunks():
     assert replace(e, size=0).chunks == 0
     assert replace(e, size=8).chunks == 2
     assert replace(e, kind=KIND_DIR).chunks == 0
+
+
+@pytest.mark.parametrize("cipher", ["aes256gcm", "chacha20poly1305", "none"])
+@pytest.mark.parametrize("compress", ["off", "zstd"])
+def test_sealing_in_place_gives_the_same_frame(cipher, compress):
+    """SendPump reads a chunk straight into the payload's place in its frame buffer and seals
+    it there: the frame must be the one sealing from a separate buffer gives."""
+    key, sid = os.urandom(32), os.urandom(8)
+    plain = os.urandom(100_000) if compress == "off" else b"dxa " * 25_000
+    buf = bytearray(len(plain) + FRAME_OVERHEAD)
+    view = memoryview(buf)[DATA_HEADER_LEN : DATA_HEADER_LEN + len(plain)]
+    view[:] = plain
+    apart = Sealer(key, sid, cipher).seal(1, 2, 0, plain, chunk_digest(plain), compress).frame
+    inplace = Sealer(key, sid, cipher).seal(1, 2, 0, view, chunk_digest(view), compress, out=buf).frame
+    assert bytes(inplace) == bytes(apart)
+    hdr = decode_data_header(bytes(inplace[:DATA_HEADER_LEN]))
+    opened = Opener(key, sid, cipher).open(hdr, bytes(inplace[:DATA_HEADER_LEN]), inplace[DATA_HEADER_LEN:])
+    assert bytes(opened) == plain
