@@ -205,7 +205,7 @@ class SourceReader:
                     self._fds[file_id] = fd
         return fd
 
-    def read(self, job: ChunkJob, buf: bytearray | None = None) -> bytes | memoryview:
+    def read(self, job: ChunkJob, buf: bytearray | memoryview | None = None) -> bytes | memoryview:
         """The chunk's bytes; into ``buf`` (reused by the caller, no allocation) when given."""
         fd = self._fd(job.file_id)
         e = self._entries[job.file_id]
