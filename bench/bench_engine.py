@@ -445,13 +445,14 @@ def ceiling(src: Path, dst: Path, gridftp_cpu_per_gb: float, chunk: int = 4 << 2
     zero."""
     import mmap
 
-    import blake3
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    from agent.wire import DATA_HEADER_LEN, TAG_LEN, chunk_digest
+
     size = src.stat().st_size
-    aead, nonce, aad = AESGCM(os.urandom(32)), bytes(12), bytes(84)
+    aead, nonce, aad = AESGCM(os.urandom(32)), bytes(12), bytes(DATA_HEADER_LEN)
     plain = mmap.mmap(-1, chunk)  # page-aligned: the O_DIRECT write takes it as is
-    sealed = bytearray(chunk + 16)
+    sealed = bytearray(chunk + TAG_LEN)
     cost = {"blake3": 0.0, "aes_encrypt": 0.0, "aes_decrypt": 0.0, "write_page_cache": 0.0, "write_direct": 0.0}
 
     def timed(key: str, fn) -> None:
@@ -467,7 +468,7 @@ def ceiling(src: Path, dst: Path, gridftp_cpu_per_gb: float, chunk: int = 4 << 2
         try:
             for off in range(0, size - size % chunk, chunk):
                 f.readinto(plain)
-                timed("blake3", lambda: blake3.blake3(plain).digest())
+                timed("blake3", lambda: chunk_digest(plain))
                 timed("aes_encrypt", lambda: aead.encrypt_into(nonce, plain, aad, sealed))
                 timed("aes_decrypt", lambda: aead.decrypt_into(nonce, sealed, aad, plain))
                 os.pwrite(pc, plain, off)  # into fresh pages: not timed (see above)

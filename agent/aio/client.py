@@ -276,20 +276,17 @@ async def _open_streams(conn: _Connection, n: int) -> list[socket.socket]:
     joins = [asyncio.ensure_future(conn.join(i)) for i in range(n)]
     try:
         socks = await asyncio.gather(*joins, return_exceptions=True)
-    except asyncio.CancelledError:
-        # gather cancels the joins still running (each closes the socket it opens); the
-        # sockets of those that finished first are ours to close (a job cancelled mid-join)
+        errors = [s for s in socks if isinstance(s, BaseException)]
+        if errors:
+            raise errors[0]
+        return list(socks)
+    except BaseException:
+        # a join failed, or this was cancelled (gather cancels the joins still running, and
+        # each closes the socket it opens): close the connections already made
         for j in joins:
             if j.done() and not j.cancelled() and j.exception() is None:
                 j.result().close()
         raise
-    errors = [s for s in socks if isinstance(s, BaseException)]
-    if errors:
-        for s in socks:
-            if isinstance(s, socket.socket):
-                s.close()
-        raise errors[0]
-    return list(socks)
 
 
 async def _push(sources: list[str], remote: Remote, identity: Identity, opts: TransferOptions,

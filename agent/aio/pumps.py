@@ -312,7 +312,7 @@ class SendPump(threading.Thread):
 
 class _WriteBehind(threading.Thread):
     """Writes a receive pump's verified chunks while the pump receives, opens and hashes the
-    next frame into its other buffer.  A direct (``O_DIRECT``) write waits for the device,
+    next frame into its other slot.  A direct (``O_DIRECT``) write waits for the device,
     and writes to one file are serialized (``_Open.wlock``): done in line, every pump sat in
     ``pwrite`` a good part of the time with its socket unread.  Posts ``verified`` once a
     chunk is on disk, or ``storage`` (and then writes nothing more) when a write failed."""

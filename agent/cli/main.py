@@ -476,33 +476,7 @@ def _keys_epilog(section: str) -> str:
             f"(flags win; see dxa --help); dxa config {section} shows the effective values.")
 
 
-class _Skipped:
-    """The parser of a command this run does not run: takes every call, builds nothing."""
-
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: self
-
-
-class _OneCommand:
-    """The subparsers of ``dxa`` with only ``command`` built (``build_parser(command)``).
-
-    argparse hands every word after the command to that command's parser alone, so a run
-    parses the same without the others; building them all (a gettext look-up per parser,
-    a formatter per flag) is most of the parser's cost in every ``dxa cp``."""
-
-    def __init__(self, sub, command: str) -> None:
-        self.sub, self.command, self.found = sub, command, False
-
-    def add_parser(self, name: str, **kwargs):
-        if name != self.command:
-            return _Skipped()
-        self.found = True
-        return self.sub.add_parser(name, **kwargs)
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``dxa`` parser; with ``command`` (the first word of argv), only that command's subparser
-    is built (the whole parser if ``command`` is not one: argparse then says what is)."""
+def build_parser() -> argparse.ArgumentParser:
     # Every flag that sets a value has a key in agent/cli/settings.py (flags default to None: "not given").
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--home", metavar="DIR",
@@ -544,8 +518,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="dxa: chunked, parallel, resumable, end-to-end encrypted and verified bulk data transfer.")
     p.add_argument("--version", action="version", version=f"dxa {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    one = None if command is None else _OneCommand(sub, command)
-    sub = one or sub
 
     s = sub.add_parser("init", parents=[common], help="create a local CA and this node's certificate (if missing)",
                        epilog=_keys_epilog("init"),
@@ -685,15 +657,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
 
     _add_transfer_commands(sub, common)
-    if one is not None and not one.found:
-        return build_parser()
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    words = sys.argv[1:] if argv is None else argv
-    parser = build_parser(words[0] if words and not words[0].startswith("-") else None)
-    args = parser.parse_args(words)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if getattr(args, "verbose", 0) < 2:  # gRPC's C core logs to stderr on its own; our messages say it
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     if args.command == "cp" and len(args.paths) < 2:

@@ -239,7 +239,7 @@ def _new_modules(code: str, tmp_path) -> list[str]:
 
 
 def test_building_the_parser_imports_no_command(tmp_path):
-    new = _new_modules("import agent.cli.main as m\nm.build_parser()\nm.build_parser('cp')", tmp_path)
+    new = _new_modules("import agent.cli.main as m\nm.build_parser()", tmp_path)
     assert "agent.cli.main" in new
     heavy = ("controller_stub", "asyncio", "json", "grpc", "cryptography", "agent.aio", "agent.service",
              "agent.store", "agent.wire", "agent.config")
@@ -251,23 +251,6 @@ def test_dxa_cp_does_not_import_the_scheduler(tmp_path):
                        tmp_path)
     assert "agent.aio.client" in new  # cp got as far as loading the identity (refused: there is none)
     assert not [m for m in new if m.startswith(("controller_stub", "agent.aio.bench", "agent.service"))]
-
-
-@pytest.mark.parametrize("argv", [
-    ["cp", "-r", "--streams", "8", "a", "b", "dxa://h:1/c"], ["cp", "dxa://h:1/c", "d", "--json", "-q"],
-    ["serve", "--root", "r", "--no-fsync"], ["init", "--name", "n"], ["bench", "dxa://h:1", "-t", "2"],
-    ["config", "cp", "--json"], ["controller", "serve", "--listen", "h:1"],
-    ["controller", "list", "--state", "done"], ["controller", "rate", "r1", "1G"],
-    ["submit", "--agent", "h:1", "a", "dxa://h:2/b", "--rate", "1G"], ["status", "--agent", "h:1"],
-    ["rate", "--agent", "h:1", "j1", "0"], ["watch", "--agent", "h:1", "--until-done"],
-])
-def test_a_parser_of_one_command_parses_like_the_whole_parser(argv):
-    assert vars(build_parser(argv[0]).parse_args(argv)) == vars(build_parser().parse_args(argv))
-    assert set(_subcommands(build_parser(argv[0]))) == {argv[0]}
-
-
-def test_a_parser_of_no_command_is_the_whole_parser():
-    assert set(_subcommands(build_parser("cpx"))) == set(_subcommands(build_parser()))
 
 
 def test_the_cli_state_choices_are_the_reservation_states():
