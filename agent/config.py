@@ -152,9 +152,22 @@ class ServerConfig:
     max_chunk: int = MAX_CHUNK
     """Largest chunk accepted from a client."""
     handshake_timeout: float = 10.0
-    """Seconds a new connection has to complete TLS + HELLO, or JOIN."""
+    """Seconds a new connection has, from accept, to send its first bytes and complete TLS
+    and HELLO, or its JOIN: one deadline for all of it (docs/HARDENING.md, "Daemon limits")."""
     max_sessions: int = 64
-    """Concurrent sessions; more are refused with ERROR{busy}."""
+    """Concurrent sessions in all; more are refused with ERROR ("server busy")."""
+    max_sessions_per_peer: int = 32
+    """Concurrent sessions of one peer (certificate name): one node cannot take every slot."""
+    idle_timeout: float = 600.0
+    """Seconds a session may go with no control message, no data byte and no work of our own
+    (planning, verifying, finishing files) before it is ended and its destinations released;
+    0 = never.  Catches a stopped or vanished client whose TCP connection stays up."""
+    max_unauthenticated: int = 128
+    """Connections at once that have not yet completed TLS (control) or a valid JOIN (data);
+    a new one beyond this closes the oldest such connection."""
+    max_handshakes: int = 32
+    """TLS handshakes in progress at once (each holds OpenSSL state); a new one beyond this
+    closes the oldest handshake still in progress."""
     metrics: str = ""
     """``HOST:PORT`` to serve Prometheus metrics on (port 0: a free one); empty: off."""
     buffered_writes: bool = False
@@ -169,6 +182,13 @@ class ServerConfig:
             raise ConfigError("port must be 0..65535")
         if not 1 <= self.max_streams <= MAX_STREAMS:
             raise ConfigError(f"max_streams must be between 1 and {MAX_STREAMS}")
+        for name in ("max_sessions", "max_sessions_per_peer", "max_unauthenticated", "max_handshakes"):
+            if not 1 <= getattr(self, name) <= 1_000_000:
+                raise ConfigError(f"{name} must be between 1 and 1000000")
+        if not (math.isfinite(self.handshake_timeout) and self.handshake_timeout > 0):
+            raise ConfigError("handshake_timeout must be a finite number of seconds > 0")
+        if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
+            raise ConfigError("idle_timeout must be a finite number of seconds >= 0 (0 = never)")
 
     @property
     def journal_path(self) -> str:

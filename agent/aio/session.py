@@ -100,6 +100,17 @@ class _Driver:
         if not self._done.done():
             self._done.set_exception(exc)
 
+    def abort(self, exc: BaseException) -> None:
+        """End the session with ``exc`` (the daemon's idle timeout): ``run`` raises it."""
+        self._fail(exc)
+
+    @property
+    def working(self) -> bool:
+        """True while this side is busy on its own (planning a manifest, finishing files), so
+        that a silent peer is not taken for an idle one (the daemon's idle timeout)."""
+        return bool(getattr(self, "_finalizing", False)) or (
+            self._plan_tail is not None and not self._plan_tail.done())
+
     def _spawn(self, coro) -> asyncio.Task:
         t = self.loop.create_task(coro)
         self._tasks.add(t)

@@ -37,8 +37,9 @@ config file ($DXA_HOME/config.toml, or --config FILE), one section per command;
 every flag that sets a value has a key (contrib/config.example.toml lists them all):
   [identity]   ca, cert, key                          (--ca/--cert/--key of every command)
   [init]       name
-  [serve]      listen, root, state_dir, port_file, fsync, buffered_writes, metrics, grpc, grpc_port_file, clients,
-               controller, site, capacity
+  [serve]      listen, root, state_dir, port_file, fsync, buffered_writes, metrics, max_sessions,
+               max_sessions_per_peer, idle_timeout, handshake_timeout, max_unauthenticated, max_handshakes,
+               grpc, grpc_port_file, clients, controller, site, capacity
   [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
                no_progress
   [bench]      the keys of [cp] but no_progress, and seconds
@@ -233,7 +234,10 @@ def cmd_serve(args) -> int:
     host, port = parse_host_port(listen, "--listen")
     config = ServerConfig(root=root, host=host, port=port,
                           state_dir=s.state_dir or "", fsync=s.fsync, metrics=s.metrics or "",
-                          buffered_writes=s.buffered_writes)
+                          buffered_writes=s.buffered_writes, max_sessions=s.max_sessions,
+                          max_sessions_per_peer=s.max_sessions_per_peer, idle_timeout=s.idle_timeout,
+                          handshake_timeout=s.handshake_timeout, max_unauthenticated=s.max_unauthenticated,
+                          max_handshakes=s.max_handshakes)
     controller = _controller_settings(s)
     identity = _identity(args)
     _raise_fd_limit()
@@ -551,6 +555,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every chunk through the page cache; by default whole chunks of files of 8 MiB "
                         "and more go to the disk with O_DIRECT where the file system supports it (no copy into "
                         "the page cache, the receiver's largest CPU cost)")
+    limits = s.add_argument_group("limits (docs/HARDENING.md, \"Daemon limits\")")
+    limits.add_argument("--max-sessions", dest="max_sessions", metavar="N",
+                        help="concurrent sessions in all; more are refused with \"server busy\" (default 64)")
+    limits.add_argument("--max-sessions-per-peer", dest="max_sessions_per_peer", metavar="N",
+                        help="concurrent sessions of one peer (certificate name), so that one node cannot "
+                             "take every slot (default 32)")
+    limits.add_argument("--idle-timeout", dest="idle_timeout", metavar="SECONDS",
+                        help="end a session that shows no control message, no data and no work of ours for "
+                             "this long, releasing its destination files (a stopped or vanished client); "
+                             "0: never (default 600)")
+    limits.add_argument("--handshake-timeout", dest="handshake_timeout", metavar="SECONDS",
+                        help="time a new connection has, from accept, to complete TLS and HELLO, or its "
+                             "JOIN (default 10)")
+    limits.add_argument("--max-unauthenticated", dest="max_unauthenticated", metavar="N",
+                        help="connections at once that have not completed TLS or a JOIN; one more closes the "
+                             "oldest of them (default 128)")
+    limits.add_argument("--max-handshakes", dest="max_handshakes", metavar="N",
+                        help="TLS handshakes in progress at once; one more closes the oldest (default 32)")
     s.add_argument("--grpc", metavar="HOST:PORT",
                    help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "

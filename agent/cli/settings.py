@@ -90,6 +90,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serve", "metrics", "str", None, "DXA_METRICS", "HOST:PORT for Prometheus metrics (off if unset)"),
     Setting("serve", "buffered_writes", "bool", False, "DXA_BUFFERED_WRITES", "write every chunk through the page "
             "cache (default: whole chunks of big files with O_DIRECT where the file system has it)"),
+    Setting("serve", "max_sessions", "int", 64, "DXA_MAX_SESSIONS", "concurrent sessions in all; more are "
+            "refused (server busy)"),
+    Setting("serve", "max_sessions_per_peer", "int", 32, "DXA_MAX_SESSIONS_PER_PEER", "concurrent sessions of "
+            "one peer (certificate name)"),
+    Setting("serve", "idle_timeout", "float", 600.0, "DXA_IDLE_TIMEOUT", "seconds a session may show no "
+            "control message, no data and no work before it ends and releases its files (0: never)"),
+    Setting("serve", "handshake_timeout", "float", 10.0, "DXA_HANDSHAKE_TIMEOUT", "seconds from accept to "
+            "a complete TLS handshake and HELLO, or a JOIN"),
+    Setting("serve", "max_unauthenticated", "int", 128, "DXA_MAX_UNAUTHENTICATED", "connections at once "
+            "before TLS or JOIN; one more closes the oldest"),
+    Setting("serve", "max_handshakes", "int", 32, "DXA_MAX_HANDSHAKES", "TLS handshakes in progress at once; "
+            "one more closes the oldest"),
     Setting("serve", "grpc", "str", None, "DXA_GRPC", "HOST:PORT for the TransferService (off if unset)"),
     Setting("serve", "grpc_port_file", "str", None, "DXA_GRPC_PORT_FILE", "write the bound gRPC port here"),
     Setting("serve", "clients", "list", (), "DXA_CLIENTS", "with grpc: the only nodes (certificate CNs) that may "

@@ -220,9 +220,9 @@ def test_the_server_turns_nagle_off_on_control_connections(tmp_path, server, ide
     seen = []
     real = Server._control_conn
 
-    async def spy(self, conn, addr):
+    async def spy(self, conn, addr, *rest):
         seen.append(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        return await real(self, conn, addr)
+        return await real(self, conn, addr, *rest)
 
     monkeypatch.setattr(Server, "_control_conn", spy)
     (tmp_path / "f").write_bytes(b"x" * 1000)
