@@ -37,10 +37,10 @@ config file ($DXA_HOME/config.toml, or --config FILE), one section per command;
 every flag that sets a value has a key (contrib/config.example.toml lists them all):
   [identity]   ca, cert, key                          (--ca/--cert/--key of every command)
   [init]       name
-  [serve]      listen, root, state_dir, port_file, fsync, buffered_writes, metrics, grpc, grpc_port_file, clients,
-               controller, site, capacity
+  [serve]      listen, root, state_dir, port_file, fsync, buffered_writes, keep_special_bits, max_open_files,
+               metrics, grpc, grpc_port_file, clients, controller, site, capacity
   [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
-               no_progress
+               no_progress, keep_special_bits
   [bench]      the keys of [cp] but no_progress, and seconds
   [controller] listen, topology, state, port_file, lease_timeout, metrics, admins  (dxa controller serve)
   e.g. [cp] streams = 8, chunk_size = "8M", no_encrypt = false; [controller] admins = ["ops"]
@@ -107,6 +107,7 @@ def _transfer_options(args, s: argparse.Namespace):
         rate=parse_rate(s.rate),
         fsync=s.fsync,
         ack_timeout=s.ack_timeout,
+        keep_special_bits=bool(getattr(s, "keep_special_bits", False)),  # a [cp] key only
     )
 
 
@@ -233,7 +234,8 @@ def cmd_serve(args) -> int:
     host, port = parse_host_port(listen, "--listen")
     config = ServerConfig(root=root, host=host, port=port,
                           state_dir=s.state_dir or "", fsync=s.fsync, metrics=s.metrics or "",
-                          buffered_writes=s.buffered_writes)
+                          buffered_writes=s.buffered_writes, keep_special_bits=s.keep_special_bits,
+                          max_open_files=s.max_open_files)
     controller = _controller_settings(s)
     identity = _identity(args)
     _raise_fd_limit()
@@ -551,6 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every chunk through the page cache; by default whole chunks of files of 8 MiB "
                         "and more go to the disk with O_DIRECT where the file system supports it (no copy into "
                         "the page cache, the receiver's largest CPU cost)")
+    s.add_argument("--keep-special-bits", dest="keep_special_bits", action="store_true", default=None,
+                   help="keep the setuid, setgid and sticky bits of received files and directories (dropped by "
+                        "default: a client must not hand this daemon's user a setuid program)")
+    s.add_argument("--max-open-files", dest="max_open_files", type=int, metavar="N",
+                   help="descriptors one transfer keeps open on partial files, least recently written closed "
+                        "first (default 64)")
     s.add_argument("--grpc", metavar="HOST:PORT",
                    help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "
@@ -575,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  dxa cp a b dxa://HOST:PORT/dir/               a and b go into dir/\n"
                                    "  dxa cp dxa://HOST:PORT/models/m ./m           pull (add -r for a tree)\n\n"
                                    "Chunks are sealed with AES-256-GCM and verified with BLAKE3 at the receiver; "
-                                   "modes and mtimes are kept. Re-running the same command after a failure or a "
+                                   "modes and mtimes are kept (setuid, setgid and sticky bits only with --keep-special-bits on "
+                                   "the receiving side). Re-running the same command after a failure or a "
                                    "kill sends only what is missing. Symlinks are never followed: inside a tree "
                                    "they are recreated when their target stays inside the tree, else skipped "
                                    "with a warning.")
@@ -585,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", default=None, help="no progress bar even on a terminal")
     s.add_argument("--progress", dest="no_progress", action="store_false", default=None,
                    help="a progress bar on a terminal even if the config file says no_progress")
+    s.add_argument("--keep-special-bits", dest="keep_special_bits", action="store_true", default=None,
+                   help="when pulling: keep the setuid, setgid and sticky bits of the server's files (dropped "
+                        "by default; for a push the daemon decides, see dxa serve --keep-special-bits)")
     s.set_defaults(func=cmd_cp)
 
     s = sub.add_parser("bench", parents=[common, xfer], help="memory-to-memory throughput through the data path",
