@@ -88,6 +88,9 @@ class TransferOptions:
     """Seconds to establish the control connection and TLS handshake."""
     fsync: bool = False
     """When pulling (we are the receiver): fsync like ``dxa serve --fsync``."""
+    keep_special_bits: bool = False
+    """When pulling: keep the setuid, setgid and sticky bits of the server's files (dropped
+    by default, like ``dxa serve``)."""
     rate: int = 0
     """Pace the transfer to this many bits per second of wire payload in total, push or
     pull (an aggregate token bucket across the data connections plus SO_MAX_PACING_RATE
@@ -174,6 +177,13 @@ class ServerConfig:
     """Write every chunk through the page cache.  By default whole aligned chunks of files
     of 8 MiB and more are written with O_DIRECT where the file system has it (no copy into
     the page cache: the receiver's largest CPU cost); see docs/ARCHITECTURE.md, "Durability"."""
+    max_open_files: int = 64
+    """Descriptors one session keeps open on partial files (least recently written closed
+    first, re-opened when written again): a manifest of many files costs no descriptor per
+    file; see docs/ARCHITECTURE.md, "Receiving store"."""
+    keep_special_bits: bool = False
+    """Keep the setuid, setgid and sticky bits a client's files and directories carry; by
+    default they are dropped (a peer must not hand the daemon's user a setuid program)."""
 
     def __post_init__(self) -> None:
         if not self.root:
@@ -189,6 +199,8 @@ class ServerConfig:
             raise ConfigError("handshake_timeout must be a finite number of seconds > 0")
         if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise ConfigError("idle_timeout must be a finite number of seconds >= 0 (0 = never)")
+        if self.max_open_files < 4:
+            raise ConfigError("max_open_files must be at least 4")
 
     @property
     def journal_path(self) -> str:

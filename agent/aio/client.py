@@ -337,7 +337,8 @@ async def _pull(remote: Remote, dest: str, identity: Identity, opts: TransferOpt
         socks = await _open_streams(conn, welcome.streams)
         root = SafeRoot(base_dir, create=False)
         journal = Journal(journal_path or os.path.join(base_dir, ".dxa", "journal.sqlite"))
-        store = ReceiverStore(root, journal, rename_top=rename_top, fsync=opts.fsync)
+        store = ReceiverStore(root, journal, rename_top=rename_top, fsync=opts.fsync,
+                              keep_special_bits=opts.keep_special_bits)
         max_frame = opts.chunk_size + DATA_HEADER_LEN + 1024
         receiver = ReceiverSession(conn.ctrl, ReceiverCore(max_chunk=opts.chunk_size), store,
                                    Opener(conn.key, conn.session_id, opts.wire_cipher), max_frame,

@@ -400,7 +400,8 @@ class Server:
             elif hello.mode == "push":
                 root = SafeRoot(cfg.root)
                 store = ReceiverStore(root, self.journal, base=hello.path, fsync=cfg.fsync,
-                                      direct=not cfg.buffered_writes)
+                                      direct=not cfg.buffered_writes, max_open=cfg.max_open_files,
+                                      keep_special_bits=cfg.keep_special_bits)
                 sess.driver = ReceiverSession(ctrl, ReceiverCore(max_chunk=cfg.max_chunk), store,
                                               Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             else:

@@ -39,9 +39,9 @@ every flag that sets a value has a key (contrib/config.example.toml lists them a
   [init]       name
   [serve]      listen, root, state_dir, port_file, fsync, buffered_writes, metrics, max_sessions,
                max_sessions_per_peer, idle_timeout, handshake_timeout, max_unauthenticated, max_handshakes,
-               grpc, grpc_port_file, clients, controller, site, capacity
+               keep_special_bits, max_open_files, grpc, grpc_port_file, clients, controller, site, capacity
   [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
-               no_progress
+               no_progress, keep_special_bits
   [bench]      the keys of [cp] but no_progress, and seconds
   [controller] listen, topology, state, port_file, lease_timeout, metrics, admins  (dxa controller serve)
   e.g. [cp] streams = 8, chunk_size = "8M", no_encrypt = false; [controller] admins = ["ops"]
@@ -108,6 +108,7 @@ def _transfer_options(args, s: argparse.Namespace):
         rate=parse_rate(s.rate),
         fsync=s.fsync,
         ack_timeout=s.ack_timeout,
+        keep_special_bits=bool(getattr(s, "keep_special_bits", False)),  # a [cp] key only
     )
 
 
@@ -237,7 +238,8 @@ def cmd_serve(args) -> int:
                           buffered_writes=s.buffered_writes, max_sessions=s.max_sessions,
                           max_sessions_per_peer=s.max_sessions_per_peer, idle_timeout=s.idle_timeout,
                           handshake_timeout=s.handshake_timeout, max_unauthenticated=s.max_unauthenticated,
-                          max_handshakes=s.max_handshakes)
+                          max_handshakes=s.max_handshakes, keep_special_bits=s.keep_special_bits,
+                          max_open_files=s.max_open_files)
     controller = _controller_settings(s)
     identity = _identity(args)
     _raise_fd_limit()
@@ -573,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "oldest of them (default 128)")
     limits.add_argument("--max-handshakes", dest="max_handshakes", metavar="N",
                         help="TLS handshakes in progress at once; one more closes the oldest (default 32)")
+    s.add_argument("--keep-special-bits", dest="keep_special_bits", action="store_true", default=None,
+                   help="keep the setuid, setgid and sticky bits of received files and directories (dropped by "
+                        "default: a client must not hand this daemon's user a setuid program)")
+    s.add_argument("--max-open-files", dest="max_open_files", type=int, metavar="N",
+                   help="descriptors one transfer keeps open on partial files, least recently written closed "
+                        "first (default 64)")
     s.add_argument("--grpc", metavar="HOST:PORT",
                    help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "
@@ -597,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  dxa cp a b dxa://HOST:PORT/dir/               a and b go into dir/\n"
                                    "  dxa cp dxa://HOST:PORT/models/m ./m           pull (add -r for a tree)\n\n"
                                    "Chunks are sealed with AES-256-GCM and verified with BLAKE3 at the receiver; "
-                                   "modes and mtimes are kept. Re-running the same command after a failure or a "
+                                   "modes and mtimes are kept (setuid, setgid and sticky bits only with --keep-special-bits on "
+                                   "the receiving side). Re-running the same command after a failure or a "
                                    "kill sends only what is missing. Symlinks are never followed: inside a tree "
                                    "they are recreated when their target stays inside the tree, else skipped "
                                    "with a warning.")
@@ -607,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", default=None, help="no progress bar even on a terminal")
     s.add_argument("--progress", dest="no_progress", action="store_false", default=None,
                    help="a progress bar on a terminal even if the config file says no_progress")
+    s.add_argument("--keep-special-bits", dest="keep_special_bits", action="store_true", default=None,
+                   help="when pulling: keep the setuid, setgid and sticky bits of the server's files (dropped "
+                        "by default; for a push the daemon decides, see dxa serve --keep-special-bits)")
     s.set_defaults(func=cmd_cp)
 
     s = sub.add_parser("bench", parents=[common, xfer], help="memory-to-memory throughput through the data path",

@@ -102,6 +102,10 @@ SETTINGS: tuple[Setting, ...] = (
             "before TLS or JOIN; one more closes the oldest"),
     Setting("serve", "max_handshakes", "int", 32, "DXA_MAX_HANDSHAKES", "TLS handshakes in progress at once; "
             "one more closes the oldest"),
+    Setting("serve", "keep_special_bits", "bool", False, "DXA_KEEP_SPECIAL_BITS", "keep the setuid, setgid and "
+            "sticky bits of received files (default: dropped)"),
+    Setting("serve", "max_open_files", "int", 64, "DXA_MAX_OPEN_FILES", "descriptors one session keeps open on "
+            "partial files"),
     Setting("serve", "grpc", "str", None, "DXA_GRPC", "HOST:PORT for the TransferService (off if unset)"),
     Setting("serve", "grpc_port_file", "str", None, "DXA_GRPC_PORT_FILE", "write the bound gRPC port here"),
     Setting("serve", "clients", "list", (), "DXA_CLIENTS", "with grpc: the only nodes (certificate CNs) that may "
@@ -112,6 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
 
     *_transfer("cp"),
     Setting("cp", "no_progress", "bool", False, "DXA_NO_PROGRESS", "no progress bar even on a terminal"),
+    Setting("cp", "keep_special_bits", "bool", False, "DXA_KEEP_SPECIAL_BITS", "when pulling: keep setuid, setgid "
+            "and sticky bits (default: dropped)"),
 
     *_transfer("bench"),
     Setting("bench", "seconds", "float", 10.0, "DXA_BENCH_SECONDS", "test duration in seconds"),
