@@ -228,7 +228,7 @@ class Server:
             log.warning("control connection from %s ended: %s", addr[0], exc or exc.__class__.__name__)
             code = error_code(exc)
             try:
-                await asyncio.wait_for(ctrl.send(ErrorMsg(code, str(exc)[:500])), 1)
+                await asyncio.wait_for(ctrl.send(ErrorMsg(code, self._for_peer(str(exc))[:500])), 1)
             except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):
                 pass
         finally:
@@ -302,6 +302,13 @@ class Server:
                 self.metrics.session_ended(tid, outcome)
             if root is not None:
                 root.close()
+
+    def _for_peer(self, message: str) -> str:
+        """A message as a peer may see it: where the root lies on this machine is none of its
+        business, so the root's absolute path becomes the root itself, ``/``."""
+        for where in {os.path.realpath(self.config.root), os.path.abspath(self.config.root)}:
+            message = message.replace(where + os.sep, "").replace(where, "/")
+        return message
 
     @staticmethod
     def _source_path(root: SafeRoot, rel: str) -> str:
