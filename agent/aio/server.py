@@ -354,7 +354,7 @@ class Server:
             log.warning("control connection from %s ended: %s", addr[0], _reason(exc))
             code = error_code(exc)
             try:
-                await asyncio.wait_for(ctrl.send(ErrorMsg(code, str(exc)[:500])), 1)
+                await asyncio.wait_for(ctrl.send(ErrorMsg(code, self._for_peer(str(exc))[:500])), 1)
             except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):
                 pass
         finally:
@@ -458,6 +458,13 @@ class Server:
                     f"{mode} session idle for {now - since:.0f} s (no control message, no data; "
                     f"idle timeout {limit:g} s)"))
                 return
+
+    def _for_peer(self, message: str) -> str:
+        """A message as a peer may see it: where the root lies on this machine is none of its
+        business, so the root's absolute path becomes the root itself, ``/``."""
+        for where in {os.path.realpath(self.config.root), os.path.abspath(self.config.root)}:
+            message = message.replace(where + os.sep, "").replace(where, "/")
+        return message
 
     @staticmethod
     def _source_path(root: SafeRoot, rel: str) -> str:

@@ -25,12 +25,15 @@ from agent.errors import (
     ConfigError,
     DiskFullError,
     DxaError,
+    ConnectError,
     ListenError,
     PathError,
+    StorageError,
     TransferError,
 )
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 EPILOG = """\
 config file ($DXA_HOME/config.toml, or --config FILE), one section per command;
@@ -61,6 +64,9 @@ exit status:
   0 everything arrived verified   1 transfer incomplete (re-run to resume)
   2 bad usage or configuration    3 authentication refused
   4 network failure               5 local storage failure (e.g. disk full)
+  130 interrupted (Ctrl-C; re-run to resume)
+  dxa cp --json prints one JSON object on every exit: "ok" and "exit" say how it ended,
+  "error" why (when not ok)
 """
 
 
@@ -347,19 +353,23 @@ def cmd_cp(args) -> int:
                 bar.draw(final=True)
 
     result = asyncio.run(main())
+    code = EXIT_OK if result.verified else EXIT_INCOMPLETE
     if args.json:
         import json
 
-        print(json.dumps(result.as_dict()))
+        out = result.as_dict()
+        out.update(ok=code == EXIT_OK, exit=code)
+        if code != EXIT_OK:
+            out["error"] = result.errors[0] if result.errors else "incomplete; re-run the same command to resume"
+        print(json.dumps(out))
     elif not args.quiet:
-        moved = result.bytes_total - result.bytes_skipped
-        print(f"{result.files_ok}/{result.files} files, {_human(moved)} moved, {_human(result.bytes_skipped)} "
-              f"already there, in {result.seconds:.2f} s = {result.gbps:.3f} Gbit/s "
+        print(f"{result.files_ok}/{result.files} files, {_human(result.bytes_delivered)} moved, "
+              f"{_human(result.bytes_skipped)} already there, in {result.seconds:.2f} s = {result.gbps:.3f} Gbit/s "
               f"({'encrypted' if result.encrypted else 'NOT encrypted'}, "
               f"{'all verified' if result.verified else 'INCOMPLETE'})")
     for e in result.errors[:20]:
         print(f"dxa: {e}", file=sys.stderr)
-    return EXIT_OK if result.verified else EXIT_INCOMPLETE
+    return code
 
 
 def cmd_bench(args) -> int:
@@ -704,33 +714,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("dxa: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return _failed(args, EXIT_INTERRUPTED, "interrupted; re-run the same command to resume")
     except ConfigError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(args, EXIT_USAGE, str(exc))
     except AuthenticationError as exc:
-        print(f"dxa: authentication failed: {exc}", file=sys.stderr)
-        return EXIT_AUTH
+        return _failed(args, EXIT_AUTH, f"authentication failed: {exc}")
     except DiskFullError as exc:
-        print(f"dxa: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_STORAGE
+        return _failed(args, EXIT_STORAGE, str(exc.strerror or exc))
     except ListenError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_NETWORK
+        return _failed(args, EXIT_NETWORK, str(exc))
+    except ConnectError as exc:  # nothing started: nothing to resume
+        return _failed(args, EXIT_NETWORK, f"{exc}; nothing was copied")
     except (BrokenConnectionError, ConnectionError) as exc:
-        print(f"dxa: network failure: {exc}; re-run the same command to resume", file=sys.stderr)
-        return EXIT_NETWORK
+        return _failed(args, EXIT_NETWORK, f"network failure: {exc}; re-run the same command to resume")
     except PathError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(args, EXIT_USAGE, str(exc))
+    except StorageError as exc:
+        return _failed(args, EXIT_STORAGE, str(exc.strerror or exc))
     except TransferError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_INCOMPLETE
+        return _failed(args, EXIT_INCOMPLETE, str(exc))
     except DxaError as exc:
-        print(f"dxa: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return EXIT_INCOMPLETE
+        return _failed(args, EXIT_INCOMPLETE, f"{exc.__class__.__name__}: {exc}")
 
+
+def _failed(args, code: int, message: str) -> int:
+    """Say why on stderr; ``dxa cp --json`` also prints its one JSON object (ok false) on stdout."""
+    print(f"dxa: {message}", file=sys.stderr)
+    if getattr(args, "command", None) == "cp" and getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"ok": False, "exit": code, "error": message}), flush=True)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

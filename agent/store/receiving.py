@@ -37,7 +37,12 @@ from agent.wire import (
     chunk_digest,
 )
 
-__all__ = ["ReceiverStore", "part_name"]
+__all__ = ["ReceiverStore", "part_name", "DestinationIsDirectory"]
+
+
+class DestinationIsDirectory(PathError):
+    """A file would land on an existing directory.  For a file named on the command line
+    (a top-level entry) the whole session is refused: the command is wrong, not the copy."""
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +223,10 @@ class ReceiverStore:
         for e in entries:
             try:
                 out.append(self._plan_one(e))
+            except DestinationIsDirectory:
+                if "/" not in e.relpath:  # the file named on the command line: the command is wrong
+                    raise
+                out.append(PlanEntry(e.file_id, ACTION_REFUSE, [], f"{self._rel(e)}: exists and is a directory"))
             except PathError as exc:
                 out.append(PlanEntry(e.file_id, ACTION_REFUSE, [], str(exc)))
             except OSError as exc:
@@ -240,6 +249,9 @@ class ReceiverStore:
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise DestinationIsDirectory(f"{rel}: is a directory at the destination; to copy into it, end the "
+                                         "destination with /")
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise PathError(f"{rel}: exists and is not a regular file; refusing to replace it")
         with self._lock:
