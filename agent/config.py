@@ -102,6 +102,9 @@ class TransferOptions:
     connection that stays open and delivers nothing (a black-holing middlebox, a stuck
     peer), which TCP keepalive and TCP_USER_TIMEOUT do not.  A pull's sender is the
     server, which uses the default (docs/PROTOCOL.md §5)."""
+    server_name: str = ""
+    """The name the server's certificate must carry (``--server-name``, a node name); ""
+    = the host of the URL, as TLS clients check."""
 
     def __post_init__(self) -> None:
         # imported here, not with this module: parse_rate and parse_size need no data path

@@ -26,7 +26,7 @@ from agent.aio.pacing import SharedPacer
 from agent.aio.net import tune_data_socket
 from agent.aio.pumps import SourceReader, recv_exactly
 from agent.aio.session import Progress, ReceiverSession, SenderSession, SessionStats
-from agent.aio.tls import client_context, peer_identity
+from agent.aio.tls import client_context, describe_tls_failure, peer_identity
 from agent.config import TransferOptions
 from agent.core import ReceiverCore, SenderCore
 from agent.errors import (
@@ -193,6 +193,7 @@ class _Connection:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(r.host, r.port, ssl=ctx, limit=CONTROL_MAX,
+                                        server_hostname=o.server_name or r.host,
                                         ssl_handshake_timeout=o.connect_timeout), o.connect_timeout)
         except asyncio.TimeoutError:
             raise ConnectError(f"timed out connecting to {r.host}:{r.port}") from None
@@ -200,8 +201,12 @@ class _Connection:
             if exc.reason in _NOT_TLS:
                 raise ConfigError(f"{r.host}:{r.port} is not a dxa port: "
                                   f"{await _what_is_there(r.host, r.port, o.connect_timeout)}") from None
-            raise AuthenticationError(f"TLS with {r.host}:{r.port} failed: {exc}") from None
+            failed = describe_tls_failure(exc, f"{r.host}:{r.port}", o.server_name or r.host)
+            raise AuthenticationError(failed or f"TLS with {r.host}:{r.port} failed: {exc}") from None
         except OSError as exc:
+            failed = describe_tls_failure(exc, f"{r.host}:{r.port}", o.server_name or r.host)
+            if failed:
+                raise AuthenticationError(failed) from None
             if "CERTIFICATE" in str(exc).upper() or exc.__class__.__name__.startswith("SSL"):
                 raise AuthenticationError(f"TLS with {r.host}:{r.port} failed: {exc}") from None
             raise ConnectError(f"cannot connect to {r.host}:{r.port}: {exc.strerror or exc}") from None

@@ -161,6 +161,12 @@ class Server:
         self.metrics = metrics
         log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.metrics.port)
 
+    def reload_tls(self, identity: Identity) -> None:
+        """Use ``identity`` (certificate, key, CA, CRL) for every handshake from now on;
+        connections already up keep theirs.  Raises ConfigError, keeping the old one."""
+        self._ssl = server_context(identity)
+        self.identity = identity
+
     async def serve_forever(self) -> None:
         assert self._accept_task is not None
         await self._accept_task

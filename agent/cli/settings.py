@@ -14,7 +14,7 @@ beyond reading attributes of a parsed namespace; messages are for people, exit c
 main.py's business.
 
 Flags that are not settings, so have no key (``ONE_SHOT``): what to act on (SRC/DST, the
-bench URL, ``-r``, ``init --issue/--out``), how to print this run (``--json``, ``-q``,
+bench URL, ``-r``, ``init --issue/--out/--csr/--sign/--renew/--revoke``, ``--server-name``), how to print this run (``--json``, ``-q``,
 ``-v``), and where the config itself is (``--home``, ``--config``).
 """
 
@@ -79,8 +79,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("identity", "ca", "str", None, "DXA_CA", "CA bundle to trust (default $DXA_HOME/ca.pem)"),
     Setting("identity", "cert", "str", None, "DXA_CERT", "our certificate (default $DXA_HOME/node.pem)"),
     Setting("identity", "key", "str", None, "DXA_KEY", "our private key (default $DXA_HOME/node.key)"),
+    Setting("identity", "crl", "str", None, "DXA_CRL", "the CA's revocation list (PEM), checked on every "
+            "handshake; dxa serve re-reads it on SIGHUP (default: none)"),
 
     Setting("init", "name", "str", None, None, "this node's name, the certificate CN (default: the host name)"),
+    Setting("init", "sans", "list", (), None, "the DNS names and IP addresses the certificate names besides the "
+            "node name (default: localhost, 127.0.0.1, ::1, the host name)", flag="--san"),
+    Setting("init", "days", "int", 825, None, "validity of a certificate issued, in days"),
 
     Setting("serve", "listen", "str", "127.0.0.1:7400", "DXA_LISTEN", "HOST:PORT to listen on"),
     Setting("serve", "root", "str", None, "DXA_ROOT", "directory to serve (required)"),
@@ -147,7 +152,12 @@ ONE_SHOT: Mapping[str, str] = {
     "recursive": "what to copy: depends on SRC",
     "url": "what to measure",
     "issue": "a one-off action of dxa init",
-    "out": "goes with --issue",
+    "out": "goes with --issue and --sign",
+    "csr": "a one-off action of dxa init",
+    "sign": "a one-off action of dxa init",
+    "renew": "a one-off action of dxa init",
+    "revoke": "a one-off action of dxa init",
+    "server_name": "names the server of this run (its certificate must carry it)",
 }
 """argparse ``dest`` of flags that deliberately have no key, and why (tests/unit/test_cli_config.py checks)."""
 
