@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from agent.errors import ConfigError
 
-__all__ = ["TransferOptions", "ServerConfig", "parse_size", "MIB"]
+__all__ = ["TransferOptions", "ServerConfig", "SessionLimits", "parse_size", "MIB"]
 
 MIB = 1 << 20
 MAX_CHUNK = 64 * MIB
@@ -136,6 +136,28 @@ class TransferOptions:
 
 
 @dataclass(frozen=True)
+class SessionLimits:
+    """What a peer may make one receiving session hold (docs/PROTOCOL.md, "Limits").
+
+    A MANIFEST that goes past any of them ends the session with a RemoteProtocolError
+    before anything is planned, opened or allocated for it."""
+
+    max_file_chunks: int = 524_160
+    """Chunks in one file.  Its chunk manifest (FILE_END, 32 bytes a chunk) must fit one
+    16 MiB control frame: 2 TiB at the default 4 MiB chunk size, 32 TiB at 64 MiB."""
+    max_entries: int = 1 << 21
+    """Manifest entries (files, directories, links) in one session: 2,097,152."""
+    max_chunks: int = 1 << 23
+    """Chunks of all the files of one session together: 8,388,608 (32 TiB at 4 MiB).  The
+    receiver keeps about 9 bytes per chunk from the moment a file is listed."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_chunks", "max_entries", "max_chunks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The receiving daemon."""
 
@@ -157,6 +179,8 @@ class ServerConfig:
     """Upper bound on data connections per session."""
     max_chunk: int = MAX_CHUNK
     """Largest chunk accepted from a client."""
+    limits: SessionLimits = SessionLimits()
+    """What one client may make a session hold (entries, chunks)."""
     handshake_timeout: float = 10.0
     """Seconds a new connection has, from accept, to send its first bytes and complete TLS
     and HELLO, or its JOIN: one deadline for all of it (docs/HARDENING.md, "Daemon limits")."""

@@ -396,7 +396,7 @@ async def _pull(remote: Remote, dest: str, identity: Identity, opts: TransferOpt
         store = ReceiverStore(root, journal, rename_top=rename_top, fsync=opts.fsync,
                               keep_special_bits=opts.keep_special_bits)
         max_frame = opts.chunk_size + DATA_HEADER_LEN + 1024
-        receiver = ReceiverSession(conn.ctrl, ReceiverCore(max_chunk=opts.chunk_size), store,
+        receiver = ReceiverSession(conn.ctrl, ReceiverCore(chunk_size=opts.chunk_size), store,
                                    Opener(conn.key, conn.session_id, opts.wire_cipher), max_frame,
                                    progress=progress, reconnect=conn.join)
         for i, s in enumerate(socks):

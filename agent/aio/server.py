@@ -408,7 +408,7 @@ class Server:
                 store = ReceiverStore(root, self.journal, base=hello.path, fsync=cfg.fsync,
                                       direct=not cfg.buffered_writes, max_open=cfg.max_open_files,
                                       keep_special_bits=cfg.keep_special_bits)
-                sess.driver = ReceiverSession(ctrl, ReceiverCore(max_chunk=cfg.max_chunk), store,
+                sess.driver = ReceiverSession(ctrl, ReceiverCore(chunk_size=hello.chunk_size, limits=cfg.limits), store,
                                               Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             else:
                 from agent.aio.bench import BenchReceiver
