@@ -572,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections at once that have not completed TLS or a JOIN; one more closes the "
                              "oldest of them (default 128)")
     limits.add_argument("--max-handshakes", dest="max_handshakes", metavar="N",
-                        help="TLS handshakes in progress at once; one more closes the oldest (default 32)")
+                        help="TLS handshakes in progress at once; one more closes the oldest that has run for "
+                             "over a second, or waits for a slot (default 32)")
     s.add_argument("--grpc", metavar="HOST:PORT",
                    help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "

@@ -101,7 +101,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serve", "max_unauthenticated", "int", 128, "DXA_MAX_UNAUTHENTICATED", "connections at once "
             "before TLS or JOIN; one more closes the oldest"),
     Setting("serve", "max_handshakes", "int", 32, "DXA_MAX_HANDSHAKES", "TLS handshakes in progress at once; "
-            "one more closes the oldest"),
+            "one more closes the oldest over 1 s old, or waits"),
     Setting("serve", "grpc", "str", None, "DXA_GRPC", "HOST:PORT for the TransferService (off if unset)"),
     Setting("serve", "grpc_port_file", "str", None, "DXA_GRPC_PORT_FILE", "write the bound gRPC port here"),
     Setting("serve", "clients", "list", (), "DXA_CLIENTS", "with grpc: the only nodes (certificate CNs) that may "
