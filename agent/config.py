@@ -196,8 +196,9 @@ class ServerConfig:
     """Connections at once that have not yet completed TLS (control) or a valid JOIN (data);
     a new one beyond this closes the oldest such connection."""
     max_handshakes: int = 32
-    """TLS handshakes in progress at once (each holds OpenSSL state); a new one beyond this
-    closes the oldest handshake still in progress."""
+    """TLS handshakes in progress at once (each holds OpenSSL state); one more takes the slot
+    of the oldest handshake that has run for over a second, or waits for one (holding only a
+    socket) within its handshake timeout."""
     metrics: str = ""
     """``HOST:PORT`` to serve Prometheus metrics on (port 0: a free one); empty: off."""
     buffered_writes: bool = False

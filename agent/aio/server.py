@@ -66,6 +66,10 @@ COMPLETED_ERRORS_KEPT = 20
 """Error strings kept per finished session in ``Server.completed`` (the count is kept whole)."""
 ACCEPT_BACKOFF = (0.1, 1.0)
 """A failed accept (EMFILE, ENFILE, ENOBUFS, ENOMEM, ...) waits this long, doubling to the max."""
+HANDSHAKE_GRACE = 1.0
+"""Seconds a TLS handshake in progress is safe from eviction: with every slot taken, a new
+connection closes the oldest handshake older than this (one stuck on a half-sent
+ClientHello), while a burst of real handshakes, each done in milliseconds, just waits."""
 ACCEPT_LOG_EVERY = 10.0
 """Seconds between two log lines about failing accepts (the rest are counted)."""
 
@@ -117,7 +121,7 @@ class Server:
         COMPLETED_ERRORS_KEPT; ``errors_total`` has the count)."""
         # connections not yet through TLS or JOIN, and those in a TLS handshake: oldest first
         self._unauth: dict[asyncio.Task, socket.socket] = {}
-        self._handshaking: dict[asyncio.Task, socket.socket] = {}
+        self._handshaking: dict[asyncio.Task, float] = {}  # holding a slot: when it started
         self.accept_errors = 0
         self.evicted = 0
         """Connections closed to make room (unauthenticated or in a handshake)."""
@@ -243,9 +247,7 @@ class Server:
         t.cancel()
 
     def _authenticated(self) -> None:
-        t = asyncio.current_task()
-        self._unauth.pop(t, None)
-        self._handshaking.pop(t, None)
+        self._unauth.pop(asyncio.current_task(), None)
 
     async def _classify(self, conn: socket.socket, deadline: float) -> bytes:
         """Peek at the first two bytes (``DX``: data); a first segment of one byte is waited on."""
@@ -332,14 +334,25 @@ class Server:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=CONTROL_MAX)
         protocol = asyncio.StreamReaderProtocol(reader)
-        while len(self._handshaking) >= self.config.max_handshakes:
-            self._evict(self._handshaking)
-        self._handshaking[asyncio.current_task()] = conn
         try:
-            # one deadline from accept: the first bytes, the handshake and HELLO together
-            transport, _ = await asyncio.wait_for(loop.connect_accepted_socket(
-                lambda: protocol, sock=conn, ssl=self._ssl, ssl_handshake_timeout=self.config.handshake_timeout),
-                max(0.001, deadline - loop.time()))
+            # one deadline from accept: the first bytes, a handshake slot, the handshake and
+            # HELLO together.  Waiting for a slot costs a socket and a task (and counts against
+            # max_unauthenticated); the OpenSSL state is made only once a slot is free.
+            async with asyncio.timeout_at(deadline):
+                # a slot: free, or taken from the oldest handshake past its grace; no queue
+                # (a FIFO would put a real client behind every stuck one that came first)
+                while len(self._handshaking) >= self.config.max_handshakes:
+                    if loop.time() - next(iter(self._handshaking.values())) > HANDSHAKE_GRACE:
+                        self._evict(self._handshaking)
+                    else:
+                        await asyncio.sleep(0.05)
+                me = asyncio.current_task()
+                self._handshaking[me] = loop.time()
+                try:
+                    transport, _ = await loop.connect_accepted_socket(
+                        lambda: protocol, sock=conn, ssl=self._ssl, ssl_handshake_timeout=self.config.handshake_timeout)
+                finally:
+                    self._handshaking.pop(me, None)
         except (ssl.SSLError, OSError, asyncio.TimeoutError, ConnectionError) as exc:
             log.warning("TLS handshake with %s failed: %s", addr[0], _reason(exc))
             conn.close()

@@ -654,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connections at once that have not completed TLS or a JOIN; one more closes the "
                              "oldest of them (default 128)")
     limits.add_argument("--max-handshakes", dest="max_handshakes", metavar="N",
-                        help="TLS handshakes in progress at once; one more closes the oldest (default 32)")
+                        help="TLS handshakes in progress at once; one more closes the oldest that has run for "
+                             "over a second, or waits for a slot (default 32)")
     s.add_argument("--keep-special-bits", dest="keep_special_bits", action="store_true", default=None,
                    help="keep the setuid, setgid and sticky bits of received files and directories (dropped by "
                         "default: a client must not hand this daemon's user a setuid program)")

@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("serve", "max_unauthenticated", "int", 128, "DXA_MAX_UNAUTHENTICATED", "connections at once "
             "before TLS or JOIN; one more closes the oldest"),
     Setting("serve", "max_handshakes", "int", 32, "DXA_MAX_HANDSHAKES", "TLS handshakes in progress at once; "
-            "one more closes the oldest"),
+            "one more closes the oldest over 1 s old, or waits"),
     Setting("serve", "keep_special_bits", "bool", False, "DXA_KEEP_SPECIAL_BITS", "keep the setuid, setgid and "
             "sticky bits of received files (default: dropped)"),
     Setting("serve", "max_open_files", "int", 64, "DXA_MAX_OPEN_FILES", "descriptors one session keeps open on "
