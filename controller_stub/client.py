@@ -90,8 +90,21 @@ class ControllerClient(MtlsClient):
 
     async def list_reservations(self, agent: str | None = None, states: Iterable[State] | None = None
                                 ) -> list[Reservation]:
-        msg = convert.list_filter_to_proto(agent, states)
-        return convert.list_from_response(await self._call(self._stub.ListReservations, msg))
+        """Every matching reservation, in arrival order (all pages)."""
+        states = None if states is None else list(states)
+        out: list[Reservation] = []
+        token = ""
+        while True:
+            page, token = await self.list_reservations_page(agent, states, page_token=token)
+            out += page
+            if not token:
+                return out
+
+    async def list_reservations_page(self, agent: str | None = None, states: Iterable[State] | None = None, *,
+                                     page_size: int = 0, page_token: str = "") -> tuple[list[Reservation], str]:
+        """One page: (reservations, the next page's token, "" after the last)."""
+        msg = convert.list_filter_to_proto(agent, states and list(states), page_size, page_token)
+        return convert.list_page_from_response(await self._call(self._stub.ListReservations, msg))
 
     async def topology(self) -> tuple[list[str], list[Agent], list[tuple[Link, int]]]:
         """(sites, agents, [(link, rate reserved on it now)]) as the scheduler sees them."""

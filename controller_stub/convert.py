@@ -82,6 +82,8 @@ __all__ = [
     "change_rate_from_request",
     "list_filter_to_proto",
     "list_response",
+    "list_page_from_proto",
+    "list_page_from_response",
     "list_from_response",
     "watch_request",
     "watch_from_request",
@@ -399,16 +401,29 @@ def change_rate_from_request(msg: pb.ChangeRateRequest) -> tuple[str, int]:
     return _id(msg), msg.rate_bps
 
 
-def list_filter_to_proto(agent: str | None = None, states=None) -> pb.ListReservationsRequest:
-    return pb.ListReservationsRequest(agent=agent or "", states=[state_to_proto(s) for s in states or ()])
+def list_filter_to_proto(agent: str | None = None, states=None, page_size: int = 0,
+                         page_token: str = "") -> pb.ListReservationsRequest:
+    return pb.ListReservationsRequest(agent=agent or "", states=[state_to_proto(s) for s in states or ()],
+                                      page_size=page_size, page_token=page_token)
 
 
-def list_response(reservations: list[Reservation]) -> pb.ListReservationsResponse:
-    return pb.ListReservationsResponse(reservations=[reservation_to_proto(r) for r in reservations])
+def list_page_from_proto(msg: pb.ListReservationsRequest) -> tuple[int, str]:
+    """(page_size, page_token) of a ListReservations request."""
+    return msg.page_size, msg.page_token
+
+
+def list_response(reservations: list[Reservation], next_page_token: str = "") -> pb.ListReservationsResponse:
+    return pb.ListReservationsResponse(reservations=[reservation_to_proto(r) for r in reservations],
+                                       next_page_token=next_page_token)
 
 
 def list_from_response(msg: pb.ListReservationsResponse) -> list[Reservation]:
     return [reservation_from_proto(r) for r in msg.reservations]
+
+
+def list_page_from_response(msg: pb.ListReservationsResponse) -> tuple[list[Reservation], str]:
+    """(one page of reservations, the next page's token or "" after the last)."""
+    return list_from_response(msg), msg.next_page_token
 
 
 def watch_request(agent: str) -> pb.WatchReservationsRequest:

@@ -19,6 +19,9 @@ Rules it must never break (docs/CONTROL.md has the reasoning):
 * **Leases.**  An agent that has not heart-beaten for ``lease_timeout`` seconds loses
   every reservation it is a party to (released as ``FAILED``); until it registers again
   it can neither heartbeat nor request.
+* **History is bounded by its owner.**  Released reservations stay as history until
+  ``prune(before)`` drops those released before ``before``; the service calls it with its
+  retention (``dxa controller serve --history-retention``).
 """
 
 from __future__ import annotations
@@ -235,6 +238,8 @@ class Reservation:
     submitted_at: float
     reason: str = ""
     """Why it was released, when not DONE by the agents themselves."""
+    released_at: float | None = None
+    """When it was released (None while it is not); history older than the retention goes."""
 
     def overlaps(self, start: float, end: float) -> bool:
         return self.start < end and start < self.end
@@ -507,7 +512,7 @@ class Ledger:
         r = self.get(reservation_id)
         if outcome not in _TRANSITIONS[r.state]:
             raise InvalidTransitionError(r.id, r.state.value, f"release as {outcome.value}")
-        self._release(r, outcome, reason)
+        self._release(r, outcome, reason, now)
         return self._admit_waiters(now)
 
     def change_rate(self, reservation_id: str, rate_bps: int, now: float) -> tuple[Reservation, list[Reservation]]:
@@ -564,12 +569,12 @@ class Ledger:
                 self._release_party(agent.name, now, "lease expired")
         ended = [self._reservations[i] for i in self._active.ids() if self._reservations[i].end <= now]
         for r in sorted(ended, key=lambda r: r.seq):  # the active ones only: history is never rescanned
-            self._release(r, State.FAILED, "window ended")
+            self._release(r, State.FAILED, "window ended", now)
         for rid in list(self._waiting):
             r = self._reservations[rid]
             finish_by = r.request.finish_by
             if finish_by is not None and (now >= finish_by or now > self._last_chance(r)):
-                self._release(r, State.FAILED, "deadline unreachable")
+                self._release(r, State.FAILED, "deadline unreachable", now)
         self._admit_waiters(now)
 
     def next_timer(self) -> float | None:
@@ -579,6 +584,16 @@ class Ledger:
         times += [self._last_chance(self._reservations[i]) for i in self._waiting
                   if self._reservations[i].request.finish_by is not None]
         return min(times) if times else None
+
+    def prune(self, before: float) -> list[Reservation]:
+        """Forget the released reservations released before ``before`` (the history past its
+        retention); return them.  What holds capacity or waits is never touched, and ids are
+        never reused (``next_seq`` stays)."""
+        gone = [r for r in self._reservations.values()
+                if r.state.released and _released_at(r) < before]
+        for r in gone:
+            del self._reservations[r.id]
+        return sorted(gone, key=lambda r: r.seq)
 
     def drain_events(self) -> list[Event]:
         out = list(self._events)
@@ -671,7 +686,7 @@ class Ledger:
     def _shed(self, link: Link, now: float) -> None:
         while self.peak(link.id, now, INF) > link.capacity_bps:
             victim = min(self._holding(link.id), key=lambda r: (r.request.priority, -r.seq))
-            self._release(victim, State.FAILED, "preempted: link capacity reduced")
+            self._release(victim, State.FAILED, "preempted: link capacity reduced", now)
 
     def _check_path(self, req: ReservationRequest) -> tuple[str, ...]:
         self._live_agent(req.source)
@@ -783,20 +798,28 @@ class Ledger:
             return replace(r, state=State.RESERVED)
         return None
 
-    def _release(self, r: Reservation, outcome: State, reason: str) -> None:
+    def _release(self, r: Reservation, outcome: State, reason: str, now: float) -> None:
         assert outcome in _TRANSITIONS[r.state], (r.state, outcome)
         if r.state.holds_capacity:
             self._active.remove(r)
         elif r.state is State.SUBMITTED:
             self._waiting.remove(r.id)
-        r = replace(r, state=outcome, reason=reason)
+        r = replace(r, state=outcome, reason=reason, released_at=now)
         self._reservations[r.id] = r
         self._events.append(ReservationReleased(r))
 
     def _release_party(self, agent: str, now: float, reason: str) -> None:
         for r in self.reservations(agent=agent):
             if not r.state.released:
-                self._release(r, State.FAILED, reason)
+                self._release(r, State.FAILED, reason, now)
+
+
+def _released_at(r: Reservation) -> float:
+    """When a released reservation was released; for one saved before that was recorded, the
+    latest instant known of it (its window's end if it had one, else its submission)."""
+    if r.released_at is not None:
+        return r.released_at
+    return r.end if r.end < INF else r.submitted_at
 
 
 def _positive_int(value, message: str) -> int:

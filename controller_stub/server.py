@@ -39,11 +39,13 @@ import grpc
 
 from agent import errors as agent_errors
 from agent.errors import ConfigError
+from agent.service import paging
 from agent.service.credentials import bind_server, caller_name
 from agent.store.pki import Identity
 from controller_stub import convert
 from controller_stub.errors import (
     InsufficientCapacityError,
+    InvalidRequestError,
     InvalidTransitionError,
     LeaseExpiredError,
     LedgerError,
@@ -261,6 +263,16 @@ class ControllerService(convert.ControllerServicerBase):
         self._check_party(caller, action, r.request.source, r.request.destination, r.id)
         return r
 
+    def prune(self, retention: float) -> int:
+        """Forget the reservations released more than ``retention`` seconds ago; save; return how many."""
+        now = self.now()
+        gone = self.ledger.prune(now - retention)
+        if gone:
+            self._commit(now)
+            log.info("pruned %d reservations released more than %.0f s ago (%s .. %s)", len(gone), retention,
+                     gone[0].id, gone[-1].id)
+        return len(gone)
+
     def tick(self) -> None:
         """Let time pass (leases, windows, deadlines) and save if anything changed."""
         now = self.now()
@@ -366,8 +378,14 @@ class ControllerService(convert.ControllerServicerBase):
         # Read-only: open to every caller the TLS handshake let in.
         def fn(now):
             agent, states = convert.list_filter_from_proto(request)
+            page_size, token = convert.list_page_from_proto(request)
             self.ledger.tick(now)  # show what is true now (expired leases, ended windows)
-            return convert.list_response(self.ledger.reservations(states=states, agent=agent))
+            try:  # in arrival order (seq): pages neither repeat nor skip while the ledger changes
+                rows, next_token = paging.page(self.ledger.reservations(states=states, agent=agent),
+                                               lambda r: r.seq, page_size, token)
+            except paging.BadPageTokenError as exc:
+                raise InvalidRequestError(str(exc)) from None
+            return convert.list_response(rows, next_token)
         return await self._call(context, fn, mutating=False)
 
 
@@ -379,12 +397,19 @@ class ControllerServer:
     ``admins``: node names (client certificate CNs) that may do every call for any agent
     and any reservation (operators); everyone else acts only as itself.  ``metrics``:
     (host, port) to serve Prometheus metrics on (:mod:`controller_stub.metrics`).
+    ``history_retention``: seconds a released reservation is kept as history (None: for
+    ever); pruned at start and every ``prune_interval`` seconds.
     """
 
     def __init__(self, identity: Identity, topology: Topology, state_path: str | Path, *, host: str = "127.0.0.1",
                  port: int = 0, config: LedgerConfig | None = None, clock: Callable[[], float] = time.time,
                  tick_interval: float = 1.0, admins: Iterable[str] = (),
-                 metrics: tuple[str, int] | None = None) -> None:
+                 metrics: tuple[str, int] | None = None, history_retention: float | None = None,
+                 prune_interval: float = 600.0) -> None:
+        if history_retention is not None and not (history_retention > 0 and math.isfinite(history_retention)):
+            raise ConfigError("history retention must be a positive number of seconds")
+        self.history_retention = history_retention
+        self.prune_interval = prune_interval
         self.identity = identity
         self.metrics_address = metrics
         self.metrics = None
@@ -432,6 +457,8 @@ class ControllerServer:
                 raise ListenError(f"cannot serve metrics on {self.metrics_address[0]}:{self.metrics_address[1]}: "
                                   f"{exc.strerror or exc}") from None
             log.info("metrics at http://%s:%d/metrics", self.metrics.host, self.metrics.port)
+        if self.history_retention is not None:
+            self.service.prune(self.history_retention)
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         held = sum(1 for r in self.ledger.reservations() if not r.state.released)
         log.info("controller listening on %s:%d, state %s (%d agents, %d unreleased reservations), admins: %s",
@@ -441,12 +468,16 @@ class ControllerServer:
 
     async def _tick_forever(self) -> None:
         assert self.service is not None
+        pruned = self.clock()
         while True:
             due = self.service.ledger.next_timer()
             delay = self.tick_interval if due is None else min(self.tick_interval, due - self.clock())
             await asyncio.sleep(max(delay, 0.01))
             try:
                 self.service.tick()
+                if self.history_retention is not None and self.clock() - pruned >= self.prune_interval:
+                    pruned = self.clock()
+                    self.service.prune(self.history_retention)
             except Exception:  # the ticker must outlive a failed save; it retries at the next tick
                 log.exception("tick failed")
 

@@ -6,7 +6,12 @@ after every change and before it answers, and ``Ledger.restore(store.load(), now
 start.  A save is one transaction that replaces the whole state (WAL journal,
 ``synchronous=FULL``, so an acknowledged reservation survives a power loss); the state
 of a scheduler is small (agents, links, reservations), and one transaction per change
-can never leave half of a change on disk.  Released reservations are kept as history.
+can never leave half of a change on disk.  Released reservations are kept as history
+until the service prunes them (its ``--history-retention``).
+
+A save writes only what changed since the last save (the rows of the reservations that
+changed, were added or were pruned; the small tables whole): the cost of a change does
+not grow with the history.  The store keeps the rows it last wrote to tell.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from controller_stub.ledger import (
 
 __all__ = ["LedgerStore", "SCHEMA_VERSION"]
 
+_COLUMNS = ("id, seq, state, source, destination, req_rate_bps, volume_bytes, not_before, finish_by, priority, wait,"
+            " req_path, transfer_id, path, rate_bps, start, end_, submitted_at, reason, released_at")
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -45,7 +53,7 @@ CREATE TABLE IF NOT EXISTS reservations (
     not_before REAL, finish_by REAL, priority INTEGER NOT NULL, wait INTEGER NOT NULL,
     req_path TEXT, transfer_id TEXT NOT NULL,
     path TEXT NOT NULL, rate_bps INTEGER NOT NULL, start REAL NOT NULL, end_ REAL,
-    submitted_at REAL NOT NULL, reason TEXT NOT NULL);
+    submitted_at REAL NOT NULL, reason TEXT NOT NULL, released_at REAL);
 """
 
 
@@ -68,6 +76,10 @@ class LedgerStore:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise LedgerStoreError(f"{self.path}: schema version {row[0]}, this dxa reads {SCHEMA_VERSION}")
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(reservations)")}
+            if "released_at" not in columns:  # added to schema 1 in place: older files gain it
+                self._db.execute("ALTER TABLE reservations ADD COLUMN released_at REAL")
+            self._rows: dict[str, tuple] | None = None  # what the file holds, once known
         except sqlite3.Error as exc:
             self._db.close()
             raise LedgerStoreError(f"{self.path}: {exc}") from None
@@ -85,11 +97,16 @@ class LedgerStore:
         self._db.close()
 
     def save(self, snap: LedgerSnapshot) -> None:
-        """Replace the stored state by ``snap``, atomically."""
+        """Replace the stored state by ``snap``, atomically (writing only the reservations that changed)."""
         db = self._db
+        rows = {r.id: _reservation_row(r) for r in snap.reservations}
         try:
             db.execute("BEGIN IMMEDIATE")
-            for table in ("sites", "links", "agents", "reservations"):
+            if self._rows is None:  # first save since opening: read what is there
+                self._rows = {row[0]: tuple(row) for row in db.execute(f"SELECT {_COLUMNS} FROM reservations")}
+            gone = [(i,) for i in self._rows.keys() - rows.keys()]
+            changed = [row for i, row in rows.items() if self._rows.get(i) != row]
+            for table in ("sites", "links", "agents"):
                 db.execute(f"DELETE FROM {table}")
             db.executemany("INSERT INTO sites VALUES (?)", [(s,) for s in snap.sites])
             db.executemany("INSERT INTO links VALUES (?,?,?,?)",
@@ -97,14 +114,17 @@ class LedgerStore:
             db.executemany("INSERT INTO agents VALUES (?,?,?,?,?,?)",
                            [(a.name, a.site, json.dumps(list(a.addresses)), a.capacity_bps, a.lease_expires,
                              int(a.expired)) for a in snap.agents])
-            db.executemany("INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                           [_reservation_row(r) for r in snap.reservations])
+            db.executemany("DELETE FROM reservations WHERE id=?", gone)
+            db.executemany(f"INSERT OR REPLACE INTO reservations ({_COLUMNS}) VALUES ({','.join('?' * 20)})",
+                           changed)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (str(snap.next_seq),))
             db.execute("COMMIT")
         except (sqlite3.Error, OverflowError) as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            self._rows = None  # unknown again: re-read at the next save
             raise LedgerStoreError(f"{self.path}: saving the ledger failed: {exc}") from None
+        self._rows = rows
 
     def load(self) -> LedgerSnapshot | None:
         """The last saved state, or None if nothing was ever saved here."""
@@ -118,7 +138,8 @@ class LedgerStore:
             agents = tuple(Agent(name, site, tuple(json.loads(addresses)), capacity, lease, bool(expired))
                            for name, site, addresses, capacity, lease, expired
                            in db.execute("SELECT * FROM agents ORDER BY name"))
-            reservations = tuple(_reservation(r) for r in db.execute("SELECT * FROM reservations ORDER BY seq"))
+            reservations = tuple(_reservation(r) for r in
+                                 db.execute(f"SELECT {_COLUMNS} FROM reservations ORDER BY seq"))
         except (sqlite3.Error, ValueError, TypeError) as exc:
             raise LedgerStoreError(f"{self.path}: reading the ledger failed: {exc}") from None
         return LedgerSnapshot(sites, links, agents, reservations, int(row[0]))
@@ -129,15 +150,15 @@ def _reservation_row(r: Reservation) -> tuple:
     return (r.id, r.seq, r.state.value, q.source, q.destination, q.rate_bps, q.volume_bytes, q.not_before,
             q.finish_by, q.priority, int(q.wait), None if q.path is None else json.dumps(list(q.path)),
             q.transfer_id, json.dumps(list(r.path)), r.rate_bps, r.start, None if r.end == math.inf else r.end,
-            r.submitted_at, r.reason)
+            r.submitted_at, r.reason, r.released_at)
 
 
 def _reservation(row: tuple) -> Reservation:
     (rid, seq, state, source, destination, req_rate, volume, not_before, finish_by, priority, wait, req_path,
-     transfer_id, path, rate, start, end, submitted_at, reason) = row
+     transfer_id, path, rate, start, end, submitted_at, reason, released_at) = row
     request = ReservationRequest(source, destination, rate_bps=req_rate, volume_bytes=volume, not_before=not_before,
                                  finish_by=finish_by, priority=priority, wait=bool(wait),
                                  path=None if req_path is None else tuple(json.loads(req_path)),
                                  transfer_id=transfer_id)
     return Reservation(rid, request, tuple(json.loads(path)), rate, start, math.inf if end is None else end,
-                       State(state), seq, submitted_at, reason)
+                       State(state), seq, submitted_at, reason, released_at)

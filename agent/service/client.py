@@ -73,7 +73,21 @@ class Client(MtlsClient):
             await self._call(self._stub.GetTransfer, convert.id_request("get", transfer_id)))
 
     async def list(self, states: Iterable[JobState] | None = None) -> list[Transfer]:
-        return convert.list_from_response(await self._call(self._stub.ListTransfers, convert.list_request(states)))
+        """Every matching transfer, oldest first (all pages)."""
+        states = None if states is None else list(states)
+        out: list[Transfer] = []
+        token = ""
+        while True:
+            page, token = await self.list_page(states, page_token=token)
+            out += page
+            if not token:
+                return out
+
+    async def list_page(self, states: Iterable[JobState] | None = None, *, page_size: int = 0,
+                        page_token: str = "") -> tuple[list[Transfer], str]:
+        """One page: (transfers, the next page's token, "" after the last)."""
+        msg = convert.list_request(states, page_size, page_token)
+        return convert.list_page_from_response(await self._call(self._stub.ListTransfers, msg))
 
     async def cancel(self, transfer_id: str) -> Transfer:
         """Stop the transfer; it becomes ``cancelled`` once its copy has stopped (watch to see it)."""

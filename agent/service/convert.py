@@ -194,8 +194,14 @@ def set_rate_from_request(msg: pb.SetRateRequest) -> tuple[str, int]:
     return id_from_request(msg), msg.rate_bps
 
 
-def list_request(states=None) -> pb.ListTransfersRequest:
-    return pb.ListTransfersRequest(states=[state_to_proto(s) for s in states or ()])
+def list_request(states=None, page_size: int = 0, page_token: str = "") -> pb.ListTransfersRequest:
+    return pb.ListTransfersRequest(states=[state_to_proto(s) for s in states or ()], page_size=page_size,
+                                   page_token=page_token)
+
+
+def list_page_from_request(msg: pb.ListTransfersRequest) -> tuple[int, str]:
+    """(page_size, page_token) of a ListTransfers request."""
+    return msg.page_size, msg.page_token
 
 
 def list_from_request(msg: pb.ListTransfersRequest) -> frozenset[JobState] | None:
@@ -214,12 +220,18 @@ def transfer_from_response(msg) -> Transfer:
     return transfer_from_proto(msg.transfer)
 
 
-def list_response(transfers: list[Transfer]) -> pb.ListTransfersResponse:
-    return pb.ListTransfersResponse(transfers=[transfer_to_proto(t) for t in transfers])
+def list_response(transfers: list[Transfer], next_page_token: str = "") -> pb.ListTransfersResponse:
+    return pb.ListTransfersResponse(transfers=[transfer_to_proto(t) for t in transfers],
+                                    next_page_token=next_page_token)
 
 
 def list_from_response(msg: pb.ListTransfersResponse) -> list[Transfer]:
     return [transfer_from_proto(m) for m in msg.transfers]
+
+
+def list_page_from_response(msg: pb.ListTransfersResponse) -> tuple[list[Transfer], str]:
+    """(one page of transfers, the next page's token or "" after the last)."""
+    return list_from_response(msg), msg.next_page_token
 
 
 # ------------------------------------------------------------------- errors and plumbing

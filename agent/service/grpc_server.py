@@ -20,9 +20,9 @@ from collections.abc import Iterable
 import grpc
 
 from agent.errors import ListenError
-from agent.service import convert
+from agent.service import convert, paging
 from agent.service.credentials import bind_server, caller_name
-from agent.service.transfers import JobError, JobManager
+from agent.service.transfers import InvalidTransferError, JobError, JobManager
 from agent.store.pki import Identity
 
 __all__ = ["GrpcListenError", "TransferServer", "TransferServicer"]
@@ -70,8 +70,15 @@ class TransferServicer(convert.TransferServicerBase):
             "get", self.manager.get(convert.id_from_request(request))))
 
     async def ListTransfers(self, request, context):
-        return await self._call(context, lambda: convert.list_response(
-            self.manager.list(convert.list_from_request(request))))
+        def list_page():
+            page_size, token = convert.list_page_from_request(request)
+            try:  # in job-number order: pages neither repeat nor skip while jobs come and go
+                rows, next_token = paging.page(self.manager.list(convert.list_from_request(request)),
+                                               lambda t: int(t.id[1:]), page_size, token)
+            except paging.BadPageTokenError as exc:
+                raise InvalidTransferError(str(exc)) from None
+            return convert.list_response(rows, next_token)
+        return await self._call(context, list_page)
 
     async def CancelTransfer(self, request, context):
         return await self._call(context, lambda: convert.transfer_response(

@@ -19,6 +19,9 @@ Persistence: one SQLite file (WAL) next to the daemon's resume journal.  Every s
 change is written before it is announced; progress every second.  A daemon that stops
 (or dies) leaves its unfinished jobs ``submitted`` or ``transferring``; the next
 :meth:`JobManager.start` picks them up and runs them again, which resumes them.
+Finished jobs are history: with a ``history_retention`` (``dxa serve --history-retention``)
+those that ended longer ago are deleted, at start and every ``prune_interval`` seconds;
+an unfinished job is never deleted.
 
 Threading: a JobManager belongs to one event loop; call it from that loop only.
 """
@@ -33,7 +36,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -261,6 +264,15 @@ class JobStore:
             (t.state.value, t.rate_bps, t.bytes_total, t.bytes_done, t.bytes_skipped, t.files_total, t.files_done,
              t.chunks_retried, t.error, t.updated, t.reservation_id, int(t.id[1:])))
 
+    def prune(self, before: float) -> list[str]:
+        """Delete the finished jobs last updated before ``before``; return their ids."""
+        final = [s.value for s in JobState if s.final]
+        marks = ",".join("?" * len(final))
+        where = f"state IN ({marks}) AND updated < ?"
+        nums = [n for (n,) in self.db.execute(f"SELECT num FROM transfers WHERE {where}", (*final, before))]
+        self.db.execute(f"DELETE FROM transfers WHERE {where}", (*final, before))
+        return [f"t{n}" for n in nums]
+
     def load(self) -> list[Transfer]:
         rows = self.db.execute(
             "SELECT num, request_id, source, destination, spec_rate_bps, priority, recursive, source_agent, state,"
@@ -367,7 +379,17 @@ class JobManager:
     def __init__(self, root: str, db_path: str, identity: Identity, *, options: TransferOptions | None = None,
                  attempts: int = 3, retry_delay: float = 0.5, retry_window: float = 600.0,
                  progress_interval: float = 0.5,
-                 scheduler: SchedulerLink | None = None, poll_interval: float = 0.5, metrics=None) -> None:
+                 scheduler: SchedulerLink | None = None, poll_interval: float = 0.5, metrics=None,
+                 history_retention: float | None = None, prune_interval: float = 600.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        if history_retention is not None and not (history_retention > 0 and math.isfinite(history_retention)):
+            raise ConfigError("history retention must be a positive number of seconds")
+        self.history_retention = history_retention
+        """Seconds a finished job is kept (None: for ever)."""
+        self.prune_interval = prune_interval
+        self.clock = clock
+        """Wall clock for the retention (tests inject one)."""
+        self._pruner: asyncio.Task | None = None
         self.scheduler = scheduler
         self.metrics = metrics
         """The daemon's ServerMetrics (``dxa serve --metrics``): each job's copy is counted there."""
@@ -395,14 +417,41 @@ class JobManager:
             self._jobs[t.id] = t
             if not t.state.final:
                 unfinished.append(t)
+        if self.history_retention is not None:
+            self.prune_history()
+            self._pruner = asyncio.get_running_loop().create_task(self._prune_forever(), name="dxa-prune-jobs")
         for t in unfinished:
             log.info("transfer %s: resuming (%s -> %s, was %s)", t.id, t.spec.source, t.spec.destination,
                      t.state.value)
             self._launch(t)
 
+    def prune_history(self) -> int:
+        """Delete the jobs that finished more than ``history_retention`` seconds ago; return how many."""
+        if self._store is None or self.history_retention is None:
+            return 0
+        gone = self._store.prune(self.clock() - self.history_retention)
+        for job_id in gone:
+            self._jobs.pop(job_id, None)
+        if gone:
+            log.info("pruned %d finished transfers older than %.0f s (%s .. %s)", len(gone),
+                     self.history_retention, gone[0], gone[-1])
+        return len(gone)
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.prune_interval)
+            try:
+                self.prune_history()
+            except sqlite3.Error:  # the next round retries; the daemon must not stop over history
+                log.exception("pruning the transfer history failed")
+
     async def close(self) -> None:
         """Stop running copies without changing their state: the next start resumes them."""
         self._closing = True
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
+            self._pruner = None
         tasks = [r.task for r in self._running.values() if r.task is not None]
         for task in tasks:
             task.cancel()
@@ -621,7 +670,7 @@ class JobManager:
             root.close()
 
     def _save(self, t: Transfer) -> None:
-        t.updated = time.time()
+        t.updated = self.clock()
         if self._store is not None:
             self._store.update(t)
 

@@ -202,18 +202,24 @@ class ChangeRateResponse(_message.Message):
     def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., admitted: _Optional[_Iterable[_Union[Reservation, _Mapping]]] = ...) -> None: ...
 
 class ListReservationsRequest(_message.Message):
-    __slots__ = ("agent", "states")
+    __slots__ = ("agent", "states", "page_size", "page_token")
     AGENT_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     agent: str
     states: _containers.RepeatedScalarFieldContainer[ReservationState]
-    def __init__(self, agent: _Optional[str] = ..., states: _Optional[_Iterable[_Union[ReservationState, str]]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, agent: _Optional[str] = ..., states: _Optional[_Iterable[_Union[ReservationState, str]]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListReservationsResponse(_message.Message):
-    __slots__ = ("reservations",)
+    __slots__ = ("reservations", "next_page_token")
     RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     reservations: _containers.RepeatedCompositeFieldContainer[Reservation]
-    def __init__(self, reservations: _Optional[_Iterable[_Union[Reservation, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, reservations: _Optional[_Iterable[_Union[Reservation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchReservationsRequest(_message.Message):
     __slots__ = ("agent",)
