@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from agent.errors import ConfigError
 
-__all__ = ["TransferOptions", "ServerConfig", "parse_size", "MIB"]
+__all__ = ["TransferOptions", "ServerConfig", "SessionLimits", "parse_size", "MIB"]
 
 MIB = 1 << 20
 MAX_CHUNK = 64 * MIB
@@ -88,6 +88,9 @@ class TransferOptions:
     """Seconds to establish the control connection and TLS handshake."""
     fsync: bool = False
     """When pulling (we are the receiver): fsync like ``dxa serve --fsync``."""
+    keep_special_bits: bool = False
+    """When pulling: keep the setuid, setgid and sticky bits of the server's files (dropped
+    by default, like ``dxa serve``)."""
     rate: int = 0
     """Pace the transfer to this many bits per second of wire payload in total, push or
     pull (an aggregate token bucket across the data connections plus SO_MAX_PACING_RATE
@@ -99,6 +102,9 @@ class TransferOptions:
     connection that stays open and delivers nothing (a black-holing middlebox, a stuck
     peer), which TCP keepalive and TCP_USER_TIMEOUT do not.  A pull's sender is the
     server, which uses the default (docs/PROTOCOL.md §5)."""
+    server_name: str = ""
+    """The name the server's certificate must carry (``--server-name``, a node name); ""
+    = the host of the URL, as TLS clients check."""
 
     def __post_init__(self) -> None:
         # imported here, not with this module: parse_rate and parse_size need no data path
@@ -130,6 +136,28 @@ class TransferOptions:
 
 
 @dataclass(frozen=True)
+class SessionLimits:
+    """What a peer may make one receiving session hold (docs/PROTOCOL.md, "Limits").
+
+    A MANIFEST that goes past any of them ends the session with a RemoteProtocolError
+    before anything is planned, opened or allocated for it."""
+
+    max_file_chunks: int = 524_160
+    """Chunks in one file.  Its chunk manifest (FILE_END, 32 bytes a chunk) must fit one
+    16 MiB control frame: 2 TiB at the default 4 MiB chunk size, 32 TiB at 64 MiB."""
+    max_entries: int = 1 << 21
+    """Manifest entries (files, directories, links) in one session: 2,097,152."""
+    max_chunks: int = 1 << 23
+    """Chunks of all the files of one session together: 8,388,608 (32 TiB at 4 MiB).  The
+    receiver keeps about 9 bytes per chunk from the moment a file is listed."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_chunks", "max_entries", "max_chunks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The receiving daemon."""
 
@@ -151,6 +179,8 @@ class ServerConfig:
     """Upper bound on data connections per session."""
     max_chunk: int = MAX_CHUNK
     """Largest chunk accepted from a client."""
+    limits: SessionLimits = SessionLimits()
+    """What one client may make a session hold (entries, chunks)."""
     handshake_timeout: float = 10.0
     """Seconds a new connection has, from accept, to send its first bytes and complete TLS
     and HELLO, or its JOIN: one deadline for all of it (docs/HARDENING.md, "Daemon limits")."""
@@ -175,6 +205,13 @@ class ServerConfig:
     """Write every chunk through the page cache.  By default whole aligned chunks of files
     of 8 MiB and more are written with O_DIRECT where the file system has it (no copy into
     the page cache: the receiver's largest CPU cost); see docs/ARCHITECTURE.md, "Durability"."""
+    max_open_files: int = 64
+    """Descriptors one session keeps open on partial files (least recently written closed
+    first, re-opened when written again): a manifest of many files costs no descriptor per
+    file; see docs/ARCHITECTURE.md, "Receiving store"."""
+    keep_special_bits: bool = False
+    """Keep the setuid, setgid and sticky bits a client's files and directories carry; by
+    default they are dropped (a peer must not hand the daemon's user a setuid program)."""
 
     def __post_init__(self) -> None:
         if not self.root:
@@ -190,6 +227,8 @@ class ServerConfig:
             raise ConfigError("handshake_timeout must be a finite number of seconds > 0")
         if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise ConfigError("idle_timeout must be a finite number of seconds >= 0 (0 = never)")
+        if self.max_open_files < 4:
+            raise ConfigError("max_open_files must be at least 4")
 
     @property
     def journal_path(self) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "TransferError",
     "ClosedResourceError",
     "BrokenConnectionError",
+    "ConnectError",
     "StorageError",
     "DiskFullError",
 ]
@@ -68,6 +69,11 @@ class ClosedResourceError(DxaError):
 
 class BrokenConnectionError(DxaError):
     """The connection broke under us (reset, EOF mid-frame, timeout)."""
+
+
+class ConnectError(BrokenConnectionError):
+    """The peer could not be reached at all (unknown host, nothing listening, no answer):
+    nothing was started, so there is nothing to resume."""
 
 
 class ListenError(DxaError):

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -25,13 +26,14 @@ from agent.aio.pacing import SharedPacer
 from agent.aio.net import tune_data_socket
 from agent.aio.pumps import SourceReader, recv_exactly
 from agent.aio.session import Progress, ReceiverSession, SenderSession, SessionStats
-from agent.aio.tls import client_context, peer_identity
+from agent.aio.tls import client_context, describe_tls_failure, peer_identity
 from agent.config import TransferOptions
 from agent.core import ReceiverCore, SenderCore
 from agent.errors import (
     AuthenticationError,
     BrokenConnectionError,
     ConfigError,
+    ConnectError,
     DxaError,
     RemoteProtocolError,
     TransferError,
@@ -122,17 +124,52 @@ class CopyResult:
     streams_reconnected: int
     errors: list[str]
     warnings: list[str]
+    bytes_delivered: int = 0
+    """File bytes that arrived verified at the destination in this run (skipped and
+    resumed bytes not included): what moved, whatever the wire carried."""
 
     @property
     def gbps(self) -> float:
-        moved = self.bytes_total - self.bytes_skipped
-        return moved * 8 / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        """Bytes delivered in this run over the time this run took: 0 when nothing moved
+        (a refused copy, or one with everything already there)."""
+        return self.bytes_delivered * 8 / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["gbps"] = round(self.gbps, 4)
         d["seconds"] = round(self.seconds, 4)
         return d
+
+
+ALPN_DXA = "dxa/1"
+"""The ALPN name a dxa client offers for its control connection (a server may select it or none)."""
+
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST",
+            "UNKNOWN_PROTOCOL", "HTTPS_PROXY_REQUEST"}
+"""OpenSSL's reasons for an answer to our ClientHello that is not TLS at all."""
+
+
+async def _what_is_there(host: str, port: int, timeout: float) -> str:
+    """After a TLS handshake that got no TLS back: ask in plain HTTP what answered (only to
+    say so in the error; nothing of ours is sent)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return "it does not speak TLS"
+    try:
+        writer.write(b"HEAD / HTTP/1.0\r\n\r\n")
+        head = await asyncio.wait_for(reader.read(5), min(timeout, 3.0))
+    except (OSError, asyncio.TimeoutError):
+        head = b""
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+    if head == b"HTTP/":
+        return "this is an HTTP server (the metrics port? dxa cp wants dxa serve --listen's port)"
+    return "it does not speak TLS"
 
 
 class _Connection:
@@ -149,17 +186,36 @@ class _Connection:
 
     async def open(self, mode: str, path: str, *, bench_seconds: float = 0.0) -> Welcome:
         r, o = self.remote, self.opts
+        ctx = client_context(self.identity)
+        # dxa itself selects no ALPN protocol; offering h2 makes a gRPC (HTTP/2) server
+        # say what it is instead of closing on our HELLO like a server that refused us
+        ctx.set_alpn_protocols([ALPN_DXA, "h2"])
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(r.host, r.port, ssl=client_context(self.identity), limit=CONTROL_MAX,
+                asyncio.open_connection(r.host, r.port, ssl=ctx, limit=CONTROL_MAX,
+                                        server_hostname=o.server_name or r.host,
                                         ssl_handshake_timeout=o.connect_timeout), o.connect_timeout)
         except asyncio.TimeoutError:
-            raise BrokenConnectionError(f"timed out connecting to {r.host}:{r.port}") from None
+            raise ConnectError(f"timed out connecting to {r.host}:{r.port}") from None
+        except ssl.SSLError as exc:
+            if exc.reason in _NOT_TLS:
+                raise ConfigError(f"{r.host}:{r.port} is not a dxa port: "
+                                  f"{await _what_is_there(r.host, r.port, o.connect_timeout)}") from None
+            failed = describe_tls_failure(exc, f"{r.host}:{r.port}", o.server_name or r.host)
+            raise AuthenticationError(failed or f"TLS with {r.host}:{r.port} failed: {exc}") from None
         except OSError as exc:
+            failed = describe_tls_failure(exc, f"{r.host}:{r.port}", o.server_name or r.host)
+            if failed:
+                raise AuthenticationError(failed) from None
             if "CERTIFICATE" in str(exc).upper() or exc.__class__.__name__.startswith("SSL"):
                 raise AuthenticationError(f"TLS with {r.host}:{r.port} failed: {exc}") from None
-            raise BrokenConnectionError(f"cannot connect to {r.host}:{r.port}: {exc.strerror or exc}") from None
+            raise ConnectError(f"cannot connect to {r.host}:{r.port}: {exc.strerror or exc}") from None
         self.ctrl = ControlChannel(reader, writer)
+        tls = writer.get_extra_info("ssl_object")
+        if tls is not None and tls.selected_alpn_protocol() == "h2":
+            await self.ctrl.close()
+            raise ConfigError(f"{r.host}:{r.port} is not a dxa port: this is a gRPC/HTTP2 server, not a dxa "
+                              "data port (dxa serve --grpc's port? dxa cp wants --listen's)")
         await self.ctrl.send(Hello(SUPPORTED_VERSIONS, mode, path, self.session_id, self.key, o.wire_cipher,
                                    o.streams, o.chunk_size, o.compress, o.recursive, socket.gethostname(),
                                    bench_seconds, o.rate if mode == "pull" else 0))
@@ -269,7 +325,7 @@ def _result(direction: str, stats: SessionStats, seconds: float, opts: TransferO
     ok = stats.files_failed == 0 and not stats.errors and stats.files_ok == stats.files
     return CopyResult(direction, stats.bytes_total, stats.bytes_wire, stats.bytes_skipped, stats.files,
                       stats.files_ok, stats.files_failed, seconds, opts.encrypt, ok, stats.chunks_retried, streams,
-                      stats.streams_reconnected, stats.errors, warnings)
+                      stats.streams_reconnected, stats.errors, warnings, stats.bytes_delivered)
 
 
 async def _open_streams(conn: _Connection, n: int) -> list[socket.socket]:
@@ -337,9 +393,10 @@ async def _pull(remote: Remote, dest: str, identity: Identity, opts: TransferOpt
         socks = await _open_streams(conn, welcome.streams)
         root = SafeRoot(base_dir, create=False)
         journal = Journal(journal_path or os.path.join(base_dir, ".dxa", "journal.sqlite"))
-        store = ReceiverStore(root, journal, rename_top=rename_top, fsync=opts.fsync)
+        store = ReceiverStore(root, journal, rename_top=rename_top, fsync=opts.fsync,
+                              keep_special_bits=opts.keep_special_bits)
         max_frame = opts.chunk_size + DATA_HEADER_LEN + 1024
-        receiver = ReceiverSession(conn.ctrl, ReceiverCore(max_chunk=opts.chunk_size), store,
+        receiver = ReceiverSession(conn.ctrl, ReceiverCore(chunk_size=opts.chunk_size), store,
                                    Opener(conn.key, conn.session_id, opts.wire_cipher), max_frame,
                                    progress=progress, reconnect=conn.join)
         for i, s in enumerate(socks):

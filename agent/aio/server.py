@@ -165,6 +165,12 @@ class Server:
         self.metrics = metrics
         log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.metrics.port)
 
+    def reload_tls(self, identity: Identity) -> None:
+        """Use ``identity`` (certificate, key, CA, CRL) for every handshake from now on;
+        connections already up keep theirs.  Raises ConfigError, keeping the old one."""
+        self._ssl = server_context(identity)
+        self.identity = identity
+
     async def serve_forever(self) -> None:
         assert self._accept_task is not None
         await self._accept_task
@@ -367,7 +373,7 @@ class Server:
             log.warning("control connection from %s ended: %s", addr[0], _reason(exc))
             code = error_code(exc)
             try:
-                await asyncio.wait_for(ctrl.send(ErrorMsg(code, str(exc)[:500])), 1)
+                await asyncio.wait_for(ctrl.send(ErrorMsg(code, self._for_peer(str(exc))[:500])), 1)
             except (OSError, asyncio.TimeoutError, ConnectionError, RuntimeError):
                 pass
         finally:
@@ -413,8 +419,9 @@ class Server:
             elif hello.mode == "push":
                 root = SafeRoot(cfg.root)
                 store = ReceiverStore(root, self.journal, base=hello.path, fsync=cfg.fsync,
-                                      direct=not cfg.buffered_writes)
-                sess.driver = ReceiverSession(ctrl, ReceiverCore(max_chunk=cfg.max_chunk), store,
+                                      direct=not cfg.buffered_writes, max_open=cfg.max_open_files,
+                                      keep_special_bits=cfg.keep_special_bits)
+                sess.driver = ReceiverSession(ctrl, ReceiverCore(chunk_size=hello.chunk_size, limits=cfg.limits), store,
                                               Opener(hello.key, hello.session_id, hello.cipher), max_frame, logger=tlog)
             else:
                 from agent.aio.bench import BenchReceiver
@@ -470,6 +477,13 @@ class Server:
                     f"{mode} session idle for {now - since:.0f} s (no control message, no data; "
                     f"idle timeout {limit:g} s)"))
                 return
+
+    def _for_peer(self, message: str) -> str:
+        """A message as a peer may see it: where the root lies on this machine is none of its
+        business, so the root's absolute path becomes the root itself, ``/``."""
+        for where in {os.path.realpath(self.config.root), os.path.abspath(self.config.root)}:
+            message = message.replace(where + os.sep, "").replace(where, "/")
+        return message
 
     @staticmethod
     def _source_path(root: SafeRoot, rel: str) -> str:

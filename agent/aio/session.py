@@ -442,6 +442,7 @@ class ReceiverSession(_Driver):
         if previous is not None:
             await asyncio.shield(previous)
         entries = manifest.entries
+        self.core.check_manifest(manifest)  # a hostile batch ends the session before it touches the disk
         plan = await self.loop.run_in_executor(None, self.store.plan, entries)
         self.core.receive_manifest(manifest, plan)
         by_id = {e.file_id: e for e in entries}

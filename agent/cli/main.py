@@ -25,28 +25,32 @@ from agent.errors import (
     ConfigError,
     DiskFullError,
     DxaError,
+    ConnectError,
     ListenError,
     PathError,
+    StorageError,
     TransferError,
 )
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_AUTH, EXIT_NETWORK, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 EPILOG = """\
 config file ($DXA_HOME/config.toml, or --config FILE), one section per command;
 every flag that sets a value has a key (contrib/config.example.toml lists them all):
-  [identity]   ca, cert, key                          (--ca/--cert/--key of every command)
-  [init]       name
+  [identity]   ca, cert, key, crl                     (--ca/--cert/--key/--crl of every command)
+  [init]       name, sans, days
   [serve]      listen, root, state_dir, port_file, fsync, buffered_writes, metrics, max_sessions,
                max_sessions_per_peer, idle_timeout, handshake_timeout, max_unauthenticated, max_handshakes,
-               grpc, grpc_port_file, clients, controller, site, capacity
+               keep_special_bits, max_open_files, grpc, grpc_port_file, clients, controller, site, capacity
   [cp]         streams, chunk_size, compress, cipher, no_encrypt, rate, fsync, ack_timeout,
-               no_progress
+               no_progress, keep_special_bits
   [bench]      the keys of [cp] but no_progress, and seconds
   [controller] listen, topology, state, port_file, lease_timeout, metrics, admins  (dxa controller serve)
   e.g. [cp] streams = 8, chunk_size = "8M", no_encrypt = false; [controller] admins = ["ops"]
   An unknown section or key, or a value of the wrong type, is an error (exit status 2).
-  No key: --home, --config, -v, --json, -q, SRC/DST, -r, the bench URL, init --issue/--out.
+  No key: --home, --config, -v, --json, -q, SRC/DST, -r, the bench URL, --server-name,
+  init --issue/--out/--csr/--sign/--renew/--revoke.
 
 environment (wins over the file; flags win over both):
   DXA_HOME            identity, trust, client state and config.toml (default ~/.config/dxa)
@@ -61,6 +65,9 @@ exit status:
   0 everything arrived verified   1 transfer incomplete (re-run to resume)
   2 bad usage or configuration    3 authentication refused
   4 network failure               5 local storage failure (e.g. disk full)
+  130 interrupted (Ctrl-C; re-run to resume)
+  dxa cp --json prints one JSON object on every exit: "ok" and "exit" say how it ended,
+  "error" why (when not ok)
 """
 
 
@@ -91,7 +98,7 @@ def _identity(args):
     from agent.store.pki import load_identity
 
     ident = _settings(args, "identity")
-    return load_identity(_home(args), ca=ident.ca, cert=ident.cert, key=ident.key)
+    return load_identity(_home(args), ca=ident.ca, cert=ident.cert, key=ident.key, crl=ident.crl)
 
 
 def _transfer_options(args, s: argparse.Namespace):
@@ -108,6 +115,8 @@ def _transfer_options(args, s: argparse.Namespace):
         rate=parse_rate(s.rate),
         fsync=s.fsync,
         ack_timeout=s.ack_timeout,
+        keep_special_bits=bool(getattr(s, "keep_special_bits", False)),  # a [cp] key only
+        server_name=getattr(args, "server_name", None) or "",
     )
 
 
@@ -180,8 +189,8 @@ def _write_port_file(path: str | None, port: int) -> None:
         os.replace(path + ".tmp", path)
 
 
-async def _until_stopped() -> None:
-    """Wait for SIGINT or SIGTERM (daemons stop cleanly on either)."""
+async def _until_stopped(on_hangup=None) -> None:
+    """Wait for SIGINT or SIGTERM (daemons stop cleanly on either); SIGHUP calls ``on_hangup``."""
     import asyncio
     import signal
 
@@ -189,6 +198,8 @@ async def _until_stopped() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
 
 
@@ -196,16 +207,49 @@ async def _until_stopped() -> None:
 def cmd_init(args) -> int:
     import json
 
-    from agent.store.pki import init_home, issue_cert
+    from agent.store import pki
 
     home = _home(args)
+    actions = [f for f in ("issue", "csr", "sign", "renew", "revoke") if getattr(args, f)]
+    if len(actions) > 1:
+        raise ConfigError(f"dxa init: one of --issue, --csr, --sign, --renew, --revoke at a time "
+                          f"(got {', '.join('--' + a for a in actions)})")
+    s = _settings(args, "init")
+    if s.days <= 0:
+        raise ConfigError(f"--days must be a positive number of days, got {s.days}")
+    sans = list(s.sans or ())
+    if args.out and not (args.issue or args.sign or args.revoke):
+        raise ConfigError("--out goes with --issue, --sign or --revoke")
     if args.issue:
         if not args.out:
             raise ConfigError("--issue needs --out DIR")
-        ident = issue_cert(home, args.issue, args.out)
+        ident = pki.issue_cert(home, args.issue, args.out, sans, s.days)
         print(f"issued a certificate for {ident.name!r} in {args.out} (CA: {ident.ca_cert})")
         return EXIT_OK
-    ident, created = init_home(home, _settings(args, "init").name)
+    if args.csr:
+        key, created = pki.make_csr(home, s.name, args.csr, sans)
+        print(f"wrote the signing request {args.csr} for the key {key} ({'new' if created else 'existing'}); "
+              f"have the CA sign it (dxa init --sign {os.path.basename(args.csr)} --out DIR) and put DIR's "
+              f"node.pem and ca.pem in {home}")
+        return EXIT_OK
+    if args.sign:
+        if not args.out:
+            raise ConfigError("--sign needs --out DIR")
+        name, cert = pki.sign_csr(home, args.sign, args.out, sans, s.days)
+        print(f"signed a certificate for {name!r}: {cert} (with the CA's ca.pem beside it)")
+        return EXIT_OK
+    if args.renew:
+        ident = _settings(args, "identity")
+        cert = pki.renew(home, sans, s.days, cert=ident.cert, key=ident.key)
+        print(f"renewed {cert} until {pki.cert_expiry(cert).date().isoformat()} (same key); "
+              f"send SIGHUP to a running dxa serve")
+        return EXIT_OK
+    if args.revoke:
+        crl, added = pki.revoke(home, args.revoke, args.out)
+        what = ", ".join(f"{n:x}" for n in added) if added else "nothing new"
+        print(f"revoked {what}; the revocation list is {crl} (give it to every node: --crl, then SIGHUP)")
+        return EXIT_OK
+    ident, created = pki.init_home(home, s.name, sans, s.days)
     if args.json:
         print(json.dumps({"home": home, "name": ident.name, "created": [str(p) for p in created],
                           "ca": str(ident.ca_cert), "cert": str(ident.cert), "key": str(ident.key)}))
@@ -237,7 +281,8 @@ def cmd_serve(args) -> int:
                           buffered_writes=s.buffered_writes, max_sessions=s.max_sessions,
                           max_sessions_per_peer=s.max_sessions_per_peer, idle_timeout=s.idle_timeout,
                           handshake_timeout=s.handshake_timeout, max_unauthenticated=s.max_unauthenticated,
-                          max_handshakes=s.max_handshakes)
+                          max_handshakes=s.max_handshakes, keep_special_bits=s.keep_special_bits,
+                          max_open_files=s.max_open_files)
     controller = _controller_settings(s)
     identity = _identity(args)
     _raise_fd_limit()
@@ -245,8 +290,12 @@ def cmd_serve(args) -> int:
     log.info("dxa %s, node %s, native code: %s", __version__, identity.name, IMPLEMENTATION)
 
     async def main() -> None:
+        from agent.service.identity import IdentityKeeper
+
         server = Server(config, identity)
         await server.start()
+        keeper = IdentityKeeper(identity, lambda: _identity(args), server, server.metrics)
+        watch = asyncio.get_running_loop().create_task(keeper.run())  # expiry: now and daily
         link = await _start_scheduler_link(controller, identity, f"{config.host}:{server.port}")
         try:
             # --grpc: the TransferService (or None)
@@ -256,8 +305,9 @@ def cmd_serve(args) -> int:
                 await link.close()
             raise
         _write_port_file(s.port_file, server.port)
-        await _until_stopped()
+        await _until_stopped(on_hangup=keeper.reload)
         log.info("shutting down")
+        watch.cancel()
         if transfers is not None:
             await _stop_transfers(*transfers)
         if link is not None:
@@ -345,19 +395,23 @@ def cmd_cp(args) -> int:
                 bar.draw(final=True)
 
     result = asyncio.run(main())
+    code = EXIT_OK if result.verified else EXIT_INCOMPLETE
     if args.json:
         import json
 
-        print(json.dumps(result.as_dict()))
+        out = result.as_dict()
+        out.update(ok=code == EXIT_OK, exit=code)
+        if code != EXIT_OK:
+            out["error"] = result.errors[0] if result.errors else "incomplete; re-run the same command to resume"
+        print(json.dumps(out))
     elif not args.quiet:
-        moved = result.bytes_total - result.bytes_skipped
-        print(f"{result.files_ok}/{result.files} files, {_human(moved)} moved, {_human(result.bytes_skipped)} "
-              f"already there, in {result.seconds:.2f} s = {result.gbps:.3f} Gbit/s "
+        print(f"{result.files_ok}/{result.files} files, {_human(result.bytes_delivered)} moved, "
+              f"{_human(result.bytes_skipped)} already there, in {result.seconds:.2f} s = {result.gbps:.3f} Gbit/s "
               f"({'encrypted' if result.encrypted else 'NOT encrypted'}, "
               f"{'all verified' if result.verified else 'INCOMPLETE'})")
     for e in result.errors[:20]:
         print(f"dxa: {e}", file=sys.stderr)
-    return EXIT_OK if result.verified else EXIT_INCOMPLETE
+    return code
 
 
 def cmd_bench(args) -> int:
@@ -490,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--ca", metavar="PEM", help="trust this CA bundle instead of $DXA_HOME/ca.pem")
     common.add_argument("--cert", metavar="PEM", help="our certificate instead of $DXA_HOME/node.pem")
     common.add_argument("--key", metavar="PEM", help="our private key instead of $DXA_HOME/node.key")
+    common.add_argument("--crl", metavar="PEM",
+                        help="refuse peers whose certificate this revocation list of the CA names (checked on "
+                             "every handshake; dxa serve re-reads it on SIGHUP)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
 
     xfer = argparse.ArgumentParser(add_help=False)
@@ -514,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="when pushing: a data connection that makes no progress for this long (no ACK, "
                            "nothing written, nothing acknowledged by TCP) is given up, its chunks sent again on "
                            "a new one (default 30; 0: never)")
+    xfer.add_argument("--server-name", dest="server_name", metavar="NODE",
+                      help="the name the server's certificate must carry, e.g. its node name (default: the HOST "
+                           "of the URL; a certificate that names neither is refused, exit status 3)")
     xfer.add_argument("--json", action="store_true", help="print one JSON object at the end")
     xfer.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
 
@@ -527,11 +587,30 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_keys_epilog("init"),
                        description="Create, if missing, a certificate authority (ca.pem, ca.key) and this node's key "
                                    "and certificate (node.pem, node.key) in $DXA_HOME. Processes sharing a $DXA_HOME "
-                                   "trust each other; a node signed by another CA is refused. Copy ca.pem and a "
-                                   "certificate issued with --issue to another machine to let it in.")
+                                   "trust each other; a node signed by another CA is refused. A client checks that "
+                                   "the server's certificate names the host it dialled (--san). To let another "
+                                   "machine in, keeping its key there: dxa init --csr FILE on it, dxa init --sign "
+                                   "FILE --out DIR here, then copy DIR's node.pem and ca.pem to it (or --issue, "
+                                   "which makes the key here).")
     s.add_argument("--name", help="this node's name (certificate CN; default: the host name)")
-    s.add_argument("--issue", metavar="NAME", help="instead: sign a certificate for another node NAME")
-    s.add_argument("--out", metavar="DIR", help="with --issue: where to write NAME's node.pem, node.key and ca.pem")
+    s.add_argument("--san", dest="sans", action="append", metavar="DNS_OR_IP",
+                   help="a DNS name or IP address clients dial this node by; repeat for several (the node name is "
+                        "always one; default: localhost, 127.0.0.1, ::1 and the host name too)")
+    s.add_argument("--days", type=int, metavar="N", help="validity of the certificate issued (default 825)")
+    s.add_argument("--issue", metavar="NAME", help="instead: sign a certificate (and make a key) for another node NAME")
+    s.add_argument("--csr", metavar="FILE",
+                   help="instead: write a signing request for this node to FILE (the key, made if missing, stays "
+                        "in $DXA_HOME/node.key)")
+    s.add_argument("--sign", metavar="CSR", help="instead: sign the request CSR with this home's CA (needs --out)")
+    s.add_argument("--renew", action="store_true",
+                   help="instead: a new certificate for this node's key, name and names (this home's CA), then "
+                        "SIGHUP a running dxa serve")
+    s.add_argument("--revoke", metavar="NAME_OR_SERIAL",
+                   help="instead: add every certificate this CA issued to node NAME (or the one with this hex "
+                        "serial) to its revocation list, $DXA_HOME/crl.pem or --out FILE")
+    s.add_argument("--out", metavar="DIR",
+                   help="with --issue or --sign: where to write node.pem and ca.pem (and node.key for --issue); "
+                        "with --revoke: the revocation list's file")
     s.add_argument("--json", action="store_true", help="print what was created as JSON")
     s.set_defaults(func=cmd_init)
 
@@ -539,7 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Serve transfers on one TCP port (TLS 1.3 control connection, plain-TCP data "
                                    "connections carrying sealed chunks). Writes only under --root. Logs each "
-                                   "transfer's start and end with bytes and outcome. Stops on SIGTERM/SIGINT.")
+                                   "transfer's start and end with bytes and outcome. Stops on SIGTERM/SIGINT. "
+                                   "SIGHUP re-reads the certificate, key, CA and --crl: new handshakes use them, "
+                                   "running transfers go on. Warns of a certificate that expires within 30 days "
+                                   "(at start, on SIGHUP and daily).")
     s.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:7400)")
     s.add_argument("--root", metavar="DIR", help="directory to serve; nothing is written outside it")
     s.add_argument("--state-dir", dest="state_dir", metavar="DIR", help="resume journal location (default ROOT/.dxa)")
@@ -574,6 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-handshakes", dest="max_handshakes", metavar="N",
                         help="TLS handshakes in progress at once; one more closes the oldest that has run for "
                              "over a second, or waits for a slot (default 32)")
+    s.add_argument("--keep-special-bits", dest="keep_special_bits", action="store_true", default=None,
+                   help="keep the setuid, setgid and sticky bits of received files and directories (dropped by "
+                        "default: a client must not hand this daemon's user a setuid program)")
+    s.add_argument("--max-open-files", dest="max_open_files", type=int, metavar="N",
+                   help="descriptors one transfer keeps open on partial files, least recently written closed "
+                        "first (default 64)")
     s.add_argument("--grpc", metavar="HOST:PORT",
                    help="also serve the TransferService (gRPC, mutual TLS) here: transfer jobs from this agent "
                         "to others, kept in STATE_DIR/transfers.sqlite (dxa submit/status/watch/cancel/rate); "
@@ -598,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  dxa cp a b dxa://HOST:PORT/dir/               a and b go into dir/\n"
                                    "  dxa cp dxa://HOST:PORT/models/m ./m           pull (add -r for a tree)\n\n"
                                    "Chunks are sealed with AES-256-GCM and verified with BLAKE3 at the receiver; "
-                                   "modes and mtimes are kept. Re-running the same command after a failure or a "
+                                   "modes and mtimes are kept (setuid, setgid and sticky bits only with --keep-special-bits on "
+                                   "the receiving side). Re-running the same command after a failure or a "
                                    "kill sends only what is missing. Symlinks are never followed: inside a tree "
                                    "they are recreated when their target stays inside the tree, else skipped "
                                    "with a warning.")
@@ -608,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", default=None, help="no progress bar even on a terminal")
     s.add_argument("--progress", dest="no_progress", action="store_false", default=None,
                    help="a progress bar on a terminal even if the config file says no_progress")
+    s.add_argument("--keep-special-bits", dest="keep_special_bits", action="store_true", default=None,
+                   help="when pulling: keep the setuid, setgid and sticky bits of the server's files (dropped "
+                        "by default; for a push the daemon decides, see dxa serve --keep-special-bits)")
     s.set_defaults(func=cmd_cp)
 
     s = sub.add_parser("bench", parents=[common, xfer], help="memory-to-memory throughput through the data path",
@@ -693,33 +785,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("dxa: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return _failed(args, EXIT_INTERRUPTED, "interrupted; re-run the same command to resume")
     except ConfigError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(args, EXIT_USAGE, str(exc))
     except AuthenticationError as exc:
-        print(f"dxa: authentication failed: {exc}", file=sys.stderr)
-        return EXIT_AUTH
+        return _failed(args, EXIT_AUTH, f"authentication failed: {exc}")
     except DiskFullError as exc:
-        print(f"dxa: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_STORAGE
+        return _failed(args, EXIT_STORAGE, str(exc.strerror or exc))
     except ListenError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_NETWORK
+        return _failed(args, EXIT_NETWORK, str(exc))
+    except ConnectError as exc:  # nothing started: nothing to resume
+        return _failed(args, EXIT_NETWORK, f"{exc}; nothing was copied")
     except (BrokenConnectionError, ConnectionError) as exc:
-        print(f"dxa: network failure: {exc}; re-run the same command to resume", file=sys.stderr)
-        return EXIT_NETWORK
+        return _failed(args, EXIT_NETWORK, f"network failure: {exc}; re-run the same command to resume")
     except PathError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _failed(args, EXIT_USAGE, str(exc))
+    except StorageError as exc:
+        return _failed(args, EXIT_STORAGE, str(exc.strerror or exc))
     except TransferError as exc:
-        print(f"dxa: {exc}", file=sys.stderr)
-        return EXIT_INCOMPLETE
+        return _failed(args, EXIT_INCOMPLETE, str(exc))
     except DxaError as exc:
-        print(f"dxa: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        return EXIT_INCOMPLETE
+        return _failed(args, EXIT_INCOMPLETE, f"{exc.__class__.__name__}: {exc}")
 
+
+def _failed(args, code: int, message: str) -> int:
+    """Say why on stderr; ``dxa cp --json`` also prints its one JSON object (ok false) on stdout."""
+    print(f"dxa: {message}", file=sys.stderr)
+    if getattr(args, "command", None) == "cp" and getattr(args, "json", False):
+        import json
+
+        print(json.dumps({"ok": False, "exit": code, "error": message}), flush=True)
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ beyond reading attributes of a parsed namespace; messages are for people, exit c
 main.py's business.
 
 Flags that are not settings, so have no key (``ONE_SHOT``): what to act on (SRC/DST, the
-bench URL, ``-r``, ``init --issue/--out``), how to print this run (``--json``, ``-q``,
+bench URL, ``-r``, ``init --issue/--out/--csr/--sign/--renew/--revoke``, ``--server-name``), how to print this run (``--json``, ``-q``,
 ``-v``), and where the config itself is (``--home``, ``--config``).
 """
 
@@ -79,8 +79,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("identity", "ca", "str", None, "DXA_CA", "CA bundle to trust (default $DXA_HOME/ca.pem)"),
     Setting("identity", "cert", "str", None, "DXA_CERT", "our certificate (default $DXA_HOME/node.pem)"),
     Setting("identity", "key", "str", None, "DXA_KEY", "our private key (default $DXA_HOME/node.key)"),
+    Setting("identity", "crl", "str", None, "DXA_CRL", "the CA's revocation list (PEM), checked on every "
+            "handshake; dxa serve re-reads it on SIGHUP (default: none)"),
 
     Setting("init", "name", "str", None, None, "this node's name, the certificate CN (default: the host name)"),
+    Setting("init", "sans", "list", (), None, "the DNS names and IP addresses the certificate names besides the "
+            "node name (default: localhost, 127.0.0.1, ::1, the host name)", flag="--san"),
+    Setting("init", "days", "int", 825, None, "validity of a certificate issued, in days"),
 
     Setting("serve", "listen", "str", "127.0.0.1:7400", "DXA_LISTEN", "HOST:PORT to listen on"),
     Setting("serve", "root", "str", None, "DXA_ROOT", "directory to serve (required)"),
@@ -102,6 +107,10 @@ SETTINGS: tuple[Setting, ...] = (
             "before TLS or JOIN; one more closes the oldest"),
     Setting("serve", "max_handshakes", "int", 32, "DXA_MAX_HANDSHAKES", "TLS handshakes in progress at once; "
             "one more closes the oldest over 1 s old, or waits"),
+    Setting("serve", "keep_special_bits", "bool", False, "DXA_KEEP_SPECIAL_BITS", "keep the setuid, setgid and "
+            "sticky bits of received files (default: dropped)"),
+    Setting("serve", "max_open_files", "int", 64, "DXA_MAX_OPEN_FILES", "descriptors one session keeps open on "
+            "partial files"),
     Setting("serve", "grpc", "str", None, "DXA_GRPC", "HOST:PORT for the TransferService (off if unset)"),
     Setting("serve", "grpc_port_file", "str", None, "DXA_GRPC_PORT_FILE", "write the bound gRPC port here"),
     Setting("serve", "clients", "list", (), "DXA_CLIENTS", "with grpc: the only nodes (certificate CNs) that may "
@@ -112,6 +121,8 @@ SETTINGS: tuple[Setting, ...] = (
 
     *_transfer("cp"),
     Setting("cp", "no_progress", "bool", False, "DXA_NO_PROGRESS", "no progress bar even on a terminal"),
+    Setting("cp", "keep_special_bits", "bool", False, "DXA_KEEP_SPECIAL_BITS", "when pulling: keep setuid, setgid "
+            "and sticky bits (default: dropped)"),
 
     *_transfer("bench"),
     Setting("bench", "seconds", "float", 10.0, "DXA_BENCH_SECONDS", "test duration in seconds"),
@@ -141,7 +152,12 @@ ONE_SHOT: Mapping[str, str] = {
     "recursive": "what to copy: depends on SRC",
     "url": "what to measure",
     "issue": "a one-off action of dxa init",
-    "out": "goes with --issue",
+    "out": "goes with --issue and --sign",
+    "csr": "a one-off action of dxa init",
+    "sign": "a one-off action of dxa init",
+    "renew": "a one-off action of dxa init",
+    "revoke": "a one-off action of dxa init",
+    "server_name": "names the server of this run (its certificate must carry it)",
 }
 """argparse ``dest`` of flags that deliberately have no key, and why (tests/unit/test_cli_config.py checks)."""
 

@@ -8,10 +8,11 @@ from agent.core._events import (
     StreamStalled,
     TransferCompleted,
 )
+from agent.core.forwarder import ForwardingTable, Forwarder, NextHop
 from agent.core.receiver import FinalizeFile, ReceiverCore
 from agent.core.sender import SenderCore
 
 __all__ = [
     "ChunkJob", "ChunkRetried", "FileCompleted", "FileFailed", "StreamStalled", "TransferCompleted",
-    "FinalizeFile", "ReceiverCore", "SenderCore",
+    "FinalizeFile", "ReceiverCore", "SenderCore", "ForwardingTable", "Forwarder", "NextHop",
 ]

@@ -4,7 +4,9 @@ It validates every DATA header against the manifest, keeps which chunks of which
 file are verified, batches ACKs, answers FILE_END with a finalize request or a list
 of bad chunks, and drops a peer that keeps sending bad data.
 Rules: no sockets, files or clocks; time comes in as ``now``; a chunk is ACKed only
-after the adapter reports it verified *and* written.
+after the adapter reports it verified *and* written; on hostile input it raises only
+RemoteProtocolError, and it holds no more than its ``SessionLimits`` allow (a MANIFEST
+is checked against them before anything is allocated for it).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from agent._native import ChunkMap
+from agent.config import SessionLimits
 from agent.core._events import FileCompleted, FileFailed, TransferCompleted
-from agent.errors import IntegrityError, RemoteProtocolError
+from agent.errors import IntegrityError, LocalProtocolError, RemoteProtocolError
 from agent.wire import (
     ACTION_RESUME,
     ACTION_SEND,
@@ -58,9 +61,13 @@ class _RFile:
 
 
 class ReceiverCore:
-    def __init__(self, *, max_chunk: int, max_bad: int = MAX_BAD_CHUNKS) -> None:
-        self._max_chunk = max_chunk
+    def __init__(self, *, chunk_size: int, max_bad: int = MAX_BAD_CHUNKS,
+                 limits: SessionLimits = SessionLimits()) -> None:
+        """``chunk_size``: the session's (HELLO's); every file of the manifest must use it."""
+        self._max_chunk = chunk_size
         self._max_bad = max_bad
+        self._limits = limits
+        self._chunks = 0  # chunks of the files listed so far
         self._entries: dict[int, ManifestEntry] = {}
         self._files: dict[int, _RFile] = {}
         self._out: deque[Message] = deque()
@@ -93,23 +100,48 @@ class ReceiverCore:
             self._flush_acks()
 
     # -- manifest and plan --------------------------------------------------------
-    def receive_manifest(self, manifest: Manifest, plan: list[PlanEntry]) -> None:
-        """Record a MANIFEST batch and the plan the adapter computed for it (one entry per file)."""
+    def check_manifest(self, manifest: Manifest) -> int:
+        """Refuse a MANIFEST batch the peer may not send; return the session's chunk count with it.
+
+        The adapter calls this before it plans the batch (touches the disk);
+        ``receive_manifest`` checks again.  Only RemoteProtocolError comes out."""
         if self._manifest_done:
             raise RemoteProtocolError("MANIFEST after the last batch")
-        if len(plan) != len(manifest.entries):
-            raise ValueError("one plan entry per manifest entry")
-        for e, pe in zip(manifest.entries, plan):
-            if e.file_id in self._entries:
+        lim, entries = self._limits, manifest.entries
+        if len(self._entries) + len(entries) > lim.max_entries:
+            raise RemoteProtocolError(f"manifest lists more than {lim.max_entries} entries")
+        ids: set[int] = set()
+        chunks = self._chunks
+        for e in entries:
+            if e.file_id in self._entries or e.file_id in ids:
                 raise RemoteProtocolError(f"file_id {e.file_id} listed twice")
-            if e.kind == KIND_FILE and e.chunk_size > self._max_chunk:
-                raise RemoteProtocolError(f"chunk size {e.chunk_size} above the limit {self._max_chunk}")
+            ids.add(e.file_id)
+            if e.kind != KIND_FILE:
+                continue
+            if e.chunk_size != self._max_chunk:  # before e.chunks: a 1-byte chunk claims 2**62 of them
+                raise RemoteProtocolError(f"file {e.file_id}: chunk size {e.chunk_size}, the session's is "
+                                          f"{self._max_chunk}")
+            if e.chunks > lim.max_file_chunks:
+                raise RemoteProtocolError(f"file {e.file_id}: {e.chunks} chunks, above the limit of "
+                                          f"{lim.max_file_chunks}")
+            chunks += e.chunks
+            if chunks > lim.max_chunks:
+                raise RemoteProtocolError(f"manifest holds more than {lim.max_chunks} chunks")
+        return chunks
+
+    def receive_manifest(self, manifest: Manifest, plan: list[PlanEntry]) -> None:
+        """Record a MANIFEST batch and the plan the adapter computed for it (one entry per file, in order)."""
+        chunks = self.check_manifest(manifest)
+        if [pe.file_id for pe in plan] != [e.file_id for e in manifest.entries]:
+            raise LocalProtocolError("the plan must have one entry per manifest entry, in order")
+        for e, pe in zip(manifest.entries, plan):
             self._entries[e.file_id] = e
             if pe.action in (ACTION_SEND, ACTION_RESUME):
                 f = self._files[e.file_id] = _RFile(e)
                 for i, d in pe.have:
                     f.have.add(i)
                     f.digests[i] = d
+        self._chunks = chunks
         self._manifest_done = manifest.last
         self._out.append(Plan(plan))
 

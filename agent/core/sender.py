@@ -4,6 +4,9 @@ Feed it the receiver's control messages and the outcome of each chunk job; it sa
 which control messages to send, which chunk jobs to run next, and what happened.
 Rules: it never touches a socket, a file or a clock; a chunk counts as delivered
 only when the receiver ACKs it, and a file only when the receiver says FILE_DONE ok.
+On hostile input (a receiver's PLAN, ACK, NAK, FILE_DONE) it raises only
+RemoteProtocolError, and what it holds stays bounded by its own files: a chunk is
+retried at most MAX_CHUNK_ATTEMPTS times however often the receiver names it.
 
 A data connection whose chunks stop being acknowledged while it stays open (a black
 hole) is found by ``handle_timer``: the adapter calls it when ``get_timer`` says, with
@@ -311,12 +314,16 @@ class SenderCore:
         if fd.ok:
             self._complete(f, skipped=False)
         elif fd.bad and not fd.error:
+            # a set: the list is the peer's, and each name of a chunk costs a retry and an event
+            bad = sorted(set(fd.bad))
+            if bad[-1] >= f.entry.chunks:
+                raise RemoteProtocolError("FILE_DONE names a chunk beyond the end of the file")
             f.state = "planned"
-            for chunk in fd.bad:
-                if chunk >= f.entry.chunks:
-                    raise RemoteProtocolError("FILE_DONE names a chunk beyond the end of the file")
+            for chunk in bad:
                 f.acked.discard(chunk)
                 self._retry(f, chunk, "chunk manifest mismatch")
+                if f.state != "planned":  # failed: its chunk gave up
+                    break
         else:
             self._fail(f, fd.error or "receiver could not finish the file")
 

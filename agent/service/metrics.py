@@ -27,6 +27,9 @@ Exposed (all prefixed ``dxa_``):
 ``transfer_rate_bytes_per_second``  gauge    per live session (``session``, ``mode``, ``peer``)
 ``peer_rtt_seconds{peer}``          gauge    mean smoothed RTT of the peer's data sockets
 ``peer_retransmits_total{peer}``    counter  TCP segments retransmitted on them
+``certificate_expiry_seconds``      gauge    seconds until a certificate expires (``certificate``:
+                                             ``node`` or ``ca``; negative once expired), from the
+                                             files the daemon loaded last (start, SIGHUP)
 ==================================  =======  ==================================================
 
 ``peer`` is the certificate name of the other agent.  Files and retried chunks of a
@@ -199,7 +202,13 @@ class ServerMetrics(SampledCollector):
         self._files_ok = self._files_failed = self._retried = 0
         self._transfers: dict[tuple[str, str], int] = {}
         self._peers: dict[str, _Peer] = {}
+        self._expiry: dict[str, float] = {}
         super().__init__(interval)
+
+    def set_certificate_expiry(self, expiry: dict[str, float]) -> None:
+        """The Unix time at which each certificate the daemon uses expires (``node``, ``ca``)."""
+        with self._lock:
+            self._expiry = dict(expiry)
 
     # -- hooks called by the Server and by copy(metrics=...) -----------------------
     def session_started(self, sid: str, mode: str, peer: str, driver) -> None:
@@ -288,6 +297,7 @@ class ServerMetrics(SampledCollector):
                 retried += s.counts[2]
             transfers = dict(self._transfers)
             peers = [(name, p.rtt, p.retrans) for name, p in self._peers.items()]
+            expiry = dict(self._expiry)
         c = CounterMetricFamily("dxa_bytes", "Payload bytes moved on the wire (after compression, with resends)",
                                 labels=["direction"])
         for direction in ("received", "sent"):
@@ -318,3 +328,9 @@ class ServerMetrics(SampledCollector):
             c.add_metric([name], rx)
         yield g
         yield c
+        g = GaugeMetricFamily("dxa_certificate_expiry_seconds", "Seconds until the certificate expires (negative: "
+                              "expired)", labels=["certificate"])
+        now = time.time()
+        for which, at in sorted(expiry.items()):
+            g.add_metric([which], at - now)
+        yield g

@@ -95,7 +95,8 @@ class Journal:
 
     @_locked
     def claim(self, dest: str, owner: object) -> bool:
-        """Reserve ``dest`` for one transfer; False while another transfer is receiving it."""
+        """Reserve ``dest`` for one transfer of this process; False while another is receiving it.
+        (Across processes the partial file's own lock decides: see agent/store/receiving.py.)"""
         if self._active.setdefault(dest, owner) is not owner:
             return False
         return True

@@ -66,6 +66,7 @@ class FrameType(IntEnum):
     DATA = 0x10
     JOIN = 0x20
     JOINED = 0x21
+    FWD = 0x30  # docs/FORWARDING.md: a sealed DATA frame with its hop's bitstring and MAC
 
 
 _TYPES = frozenset(int(t) for t in FrameType)

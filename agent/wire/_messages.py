@@ -261,8 +261,8 @@ def _plan_entry(raw) -> PlanEntry:
 
 def decode_message(ftype: FrameType, body: bytes) -> Message:
     """Decode the body of a control frame of type ``ftype``."""
-    if ftype == FrameType.DATA:
-        raise RemoteProtocolError("DATA frame where a control message was expected")
+    if ftype in (FrameType.DATA, FrameType.FWD):
+        raise RemoteProtocolError(f"{ftype.name} frame where a control message was expected")
     d = decode_control(body)
     if ftype == FrameType.HELLO:
         versions = _get(d, "versions", list)

@@ -206,7 +206,7 @@ def test_garbage_on_an_authenticated_control_connection(tmp_path, server, identi
 
     ctx = client_context(identity)
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    with ctx.wrap_socket(raw) as s:
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
         s.sendall(b"DX\x01\x01" + (0x7FFFFFFF).to_bytes(4, "big"))  # HELLO claiming 2 GiB
         data = b""
         try:
@@ -232,7 +232,7 @@ def test_a_client_without_a_certificate_is_refused(tmp_path, server):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     with pytest.raises((ssl.SSLError, OSError)):
-        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=5)) as s:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.port), timeout=5), server_hostname="127.0.0.1") as s:
             s.sendall(b"DX")
             assert s.recv(10) == b""
             raise OSError("closed without a word, as it should be")
@@ -399,7 +399,7 @@ def test_hello_with_an_unknown_cipher_gets_a_protocol_error(server, identity):
     from agent.wire import Hello, encode_message
 
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    with client_context(identity).wrap_socket(raw) as s:
+    with client_context(identity).wrap_socket(raw, server_hostname="127.0.0.1") as s:
         s.sendall(encode_message(Hello((1, 1), "push", "x", os.urandom(8), os.urandom(32), "rot13", 2, 1 << 20, "off")))
         data = b""
         with contextlib.suppress(ssl.SSLError, OSError):

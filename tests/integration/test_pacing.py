@@ -50,7 +50,7 @@ def test_pull_is_paced_by_the_server_through_hello(tmp_path, server, identity):
 def test_rate_change_mid_flight_takes_effect_at_once(tmp_path, server, identity):
     src = tmp_path / "c.bin"
     src.write_bytes(os.urandom(4_000_000))
-    pacer = SharedPacer(8_000_000)  # 1 MB/s: 4 s for the file
+    pacer = SharedPacer(4_000_000)  # 500 kB/s: 8 s for the file
 
     async def go():
         task = asyncio.ensure_future(copy([str(src)], server.url("c.bin"), identity=identity,
@@ -63,7 +63,7 @@ def test_rate_change_mid_flight_takes_effect_at_once(tmp_path, server, identity)
     t0 = time.monotonic()
     res = run(go())
     assert res.verified and (server.root / "c.bin").read_bytes() == src.read_bytes()
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 6.0  # well under the 8 s the old rate would take, even on a loaded machine
 
 
 def test_a_pacer_is_for_pushes_only(tmp_path, server, identity):

@@ -55,7 +55,7 @@ class Harness:
         self.data = {i: d for i, d in enumerate(files.values())}
         self.entries = entries_for(files)
         self.sender = SenderCore(self.entries, max_inflight_bytes=8 * CS)
-        self.receiver = ReceiverCore(max_chunk=CS)
+        self.receiver = ReceiverCore(chunk_size=CS)
         self.disk: dict[int, bytearray] = {}
         self.have = have or {}
         self.rng = random.Random(seed)

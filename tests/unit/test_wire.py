@@ -122,7 +122,7 @@ def test_constants_match_protocol_doc():
     assert {t.name: int(t) for t in FrameType} == {
         "HELLO": 0x01, "WELCOME": 0x02, "ERROR": 0x03, "MANIFEST": 0x04, "PLAN": 0x05, "ACK": 0x06,
         "NAK": 0x07, "FILE_END": 0x08, "FILE_DONE": 0x09, "DONE": 0x0A, "SUMMARY": 0x0B,
-        "DATA": 0x10, "JOIN": 0x20, "JOINED": 0x21,
+        "DATA": 0x10, "JOIN": 0x20, "JOINED": 0x21, "FWD": 0x30,
     }
 
 
@@ -302,7 +302,7 @@ _TYPE_OF = {
 
 
 def test_every_control_type_is_covered():
-    assert {_TYPE_OF[type(m)] for m in MESSAGES} == set(FrameType) - {FrameType.DATA}
+    assert {_TYPE_OF[type(m)] for m in MESSAGES} == set(FrameType) - {FrameType.DATA, FrameType.FWD}
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
