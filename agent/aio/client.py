@@ -364,7 +364,7 @@ async def _push(sources: list[str], remote: Remote, identity: Identity, opts: Tr
         welcome = await conn.open("push", base)
         socks = await _open_streams(conn, welcome.streams)
         core = SenderCore(tree.entries, ack_timeout=opts.ack_timeout)
-        reader = SourceReader(tree.paths, {e.file_id: e for e in tree.entries})
+        reader = SourceReader(tree.paths, {e.file_id: e for e in tree.entries}, tree.versions)
         sender = SenderSession(conn.ctrl, core, reader, Sealer(conn.key, conn.session_id, opts.wire_cipher),
                                opts.compress, files_total=len(tree.entries), progress=progress, reconnect=conn.join,
                                rate=opts.rate, pacer=pacer)

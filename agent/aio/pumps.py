@@ -183,12 +183,23 @@ class SourceChanged(DxaError):
     pass
 
 
-class SourceReader:
-    """Reads chunks of local source files, checking they did not change since listing."""
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # = store.tree.source_version
 
-    def __init__(self, paths: dict[int, str], entries: dict) -> None:
+
+class SourceReader:
+    """Reads chunks of local source files, checking they did not change since listing.
+
+    Each read is bracketed by two ``fstat`` calls, both compared with the file as listed
+    (``versions``: device, inode, size, mtime, ctime; size and mtime alone when a file has no
+    version): a write anywhere in the file between the listing and the end of the last read
+    changes ctime, so every chunk sent comes from one and the same version of the file, or
+    the file fails with :class:`SourceChanged`."""
+
+    def __init__(self, paths: dict[int, str], entries: dict, versions: dict[int, tuple[int, ...]] | None = None) -> None:
         self._paths = paths
         self._entries = entries
+        self._versions = versions or {}
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -205,13 +216,23 @@ class SourceReader:
                     self._fds[file_id] = fd
         return fd
 
+    def _check(self, fd: int, file_id: int) -> None:
+        st = os.fstat(fd)
+        want = self._versions.get(file_id)
+        if want is not None:
+            if _version(st) != want:
+                raise SourceChanged("source changed during transfer (size, mtime, ctime or inode differ "
+                                    "from when it was listed); re-run to send its new version")
+            return
+        e = self._entries[file_id]
+        if st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
+            raise SourceChanged("source changed during transfer (size or mtime differ from when it was listed); "
+                                "re-run to send its new version")
+
     def read(self, job: ChunkJob, buf: bytearray | memoryview | None = None) -> bytes | memoryview:
         """The chunk's bytes; into ``buf`` (reused by the caller, no allocation) when given."""
         fd = self._fd(job.file_id)
-        e = self._entries[job.file_id]
-        st = os.fstat(fd)
-        if st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
-            raise SourceChanged("source file changed since it was listed")
+        self._check(fd, job.file_id)
         if buf is not None:
             data = memoryview(buf)[: job.length]
             got = os.preadv(fd, [data], job.offset)
@@ -220,6 +241,7 @@ class SourceReader:
             got = len(data)
         if got != job.length:
             raise SourceChanged("source file shrank while being read")
+        self._check(fd, job.file_id)  # a write during the pread: these bytes may be mixed
         return data
 
     def release(self, file_id: int) -> None:

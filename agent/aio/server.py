@@ -412,7 +412,7 @@ class Server:
                 tree = await asyncio.get_running_loop().run_in_executor(
                     None, lambda: scan_sources([src], recursive=hello.recursive, chunk_size=hello.chunk_size))
                 core = SenderCore(tree.entries)
-                reader = SourceReader(tree.paths, {e.file_id: e for e in tree.entries})
+                reader = SourceReader(tree.paths, {e.file_id: e for e in tree.entries}, tree.versions)
                 sess.driver = SenderSession(ctrl, core, reader, Sealer(hello.key, hello.session_id, hello.cipher),
                                             hello.compress, files_total=len(tree.entries), logger=tlog,
                                             rate=hello.rate)

@@ -425,17 +425,17 @@ class ReceiverSession(_Driver):
             if fin is not None:
                 self._queue_finalize(fin.entry)
         elif isinstance(msg, Done):
-            self._spawn(self._done_after_plans())
+            self._spawn(self._done_after_plans(msg))
         elif isinstance(msg, ErrorMsg):
             self._fail(TransferError(f"peer error {msg.code}: {msg.message}"))
         else:
             self.core.receive(msg)
         self._after()
 
-    async def _done_after_plans(self) -> None:
+    async def _done_after_plans(self, done: Done) -> None:
         if self._plan_tail is not None:
             await asyncio.shield(self._plan_tail)
-        self.core.receive(Done())
+        self.core.receive(done)
         self._after()
 
     async def _plan(self, manifest: Manifest, previous: asyncio.Task | None) -> None:

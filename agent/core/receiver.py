@@ -76,6 +76,7 @@ class ReceiverCore:
         self._ack_deadline: float | None = None
         self._manifest_done = False
         self._done_received = False
+        self._sender_reasons: dict[int, str] = {}  # why the sender gave up on a file (DONE)
         self.finished = False
         self.bad_chunks = 0
         self.bytes_written = 0
@@ -197,6 +198,7 @@ class ReceiverCore:
             if not self._manifest_done:
                 raise RemoteProtocolError("DONE before the last MANIFEST batch")
             self._done_received = True
+            self._sender_reasons = {fid: r for fid, r in msg.failed[:len(self._files)] if fid in self._files}
             self._maybe_finish()
             return None
         raise RemoteProtocolError(f"unexpected {type(msg).__name__} at the receiver")
@@ -247,7 +249,9 @@ class ReceiverCore:
         for f in unfinished:
             f.state = "failed"
             self.files_failed += 1
-            self.errors.append(f"{f.entry.relpath}: incomplete (resumable)")
+            reason = self._sender_reasons.get(f.entry.file_id) or "incomplete (resumable)"
+            self.errors.append(f"{f.entry.relpath}: {reason}")
+            self._events.append(FileFailed(f.entry.file_id, f.entry.relpath, reason))
         self.finished = True
         self._out.append(Summary(self.files_ok, self.files_failed, self.bytes_written, self.errors[:100]))
         self._events.append(TransferCompleted(self.files_ok, self.files_failed))

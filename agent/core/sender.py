@@ -50,6 +50,7 @@ __all__ = ["SenderCore"]
 
 MAX_CHUNK_ATTEMPTS = 8
 STALL_CHECKS = 4  # snapshots per ack_timeout: a stall is reported within 1.25 x ack_timeout
+MAX_FAILED_REASONS = 1000  # files named with their reason in DONE (the rest: "incomplete" at the receiver)
 
 
 class _File:
@@ -86,6 +87,7 @@ class SenderCore:
         self._done_sent = False
         self.finished = False
         self.summary: Summary | None = None
+        self._failed_reasons: list[tuple[int, str]] = []
         self.bytes_total = sum(e.size for e in entries if e.kind == KIND_FILE)
         self.bytes_acked = 0
         self.bytes_skipped = 0
@@ -343,6 +345,8 @@ class SenderCore:
     def _fail(self, f: _File, reason: str) -> None:
         if f.state in ("done", "failed"):
             return
+        if f.state == "planned" and len(self._failed_reasons) < MAX_FAILED_REASONS:
+            self._failed_reasons.append((f.entry.file_id, reason))  # the receiver waits for it: say why
         f.state = "failed"
         self.files_failed += 1
         self._jobs = deque(j for j in self._jobs if j.file_id != f.entry.file_id)
@@ -353,4 +357,4 @@ class SenderCore:
     def _maybe_done(self) -> None:
         if self._pending_files == 0 and not self._done_sent:
             self._done_sent = True
-            self._out.append(Done())
+            self._out.append(Done(self._failed_reasons))

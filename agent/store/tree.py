@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from agent.errors import PathError
 from agent.wire import KIND_DIR, KIND_FILE, KIND_LINK, ManifestEntry
 
-__all__ = ["SourceTree", "scan_sources"]
+__all__ = ["SourceTree", "scan_sources", "source_version"]
 
 
 @dataclass
@@ -25,12 +25,24 @@ class SourceTree:
     entries: list[ManifestEntry] = field(default_factory=list)
     paths: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    versions: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """Per file, :func:`source_version` of it as listed: the reader checks it before and
+    after every read (docs/PROTOCOL.md section 6)."""
 
     def add(self, rel: str, kind: str, st: os.stat_result, chunk_size: int, path: str, target: str = "") -> None:
         fid = len(self.entries)
         size = st.st_size if kind == KIND_FILE else 0
         self.entries.append(ManifestEntry(fid, rel, kind, size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, chunk_size, target))
         self.paths[fid] = path
+        if kind == KIND_FILE:
+            self.versions[fid] = source_version(st)
+
+
+def source_version(st: os.stat_result) -> tuple[int, ...]:
+    """What must not change while a file is read: its identity (device, inode), size, mtime
+    and ctime.  ctime catches a rewrite whose mtime was put back (``touch -d``), which
+    (size, mtime) alone does not: the kernel sets ctime on every write and every utime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _inside(tree_top: str, link_dir: str, target: str) -> bool:

@@ -24,6 +24,10 @@ KIND_FILE, KIND_DIR, KIND_LINK = "f", "d", "l"
 ACTION_SEND, ACTION_SKIP, ACTION_RESUME, ACTION_REFUSE = "send", "skip", "resume", "refuse"
 
 
+MAX_REASON = 500
+"""Characters of a peer's reason kept (longer ones are cut)."""
+
+
 def _get(d: dict, key: str, typ, *, optional: bool = False, default: Any = None):
     if key not in d:
         if optional:
@@ -139,7 +143,10 @@ class FileDone:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    pass
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    """(file_id, reason) of files the sender gave up on after planning them (its source
+    changed, a chunk kept failing): optional key, so an older receiver just reports them
+    incomplete."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +220,7 @@ def encode_message(msg: Message) -> bytes:
         return encode_control(FrameType.FILE_DONE, {"file_id": msg.file_id, "ok": msg.ok,
                                                     "bad": list(msg.bad), "error": msg.error})
     if t is Done:
-        return encode_control(FrameType.DONE, {})
+        return encode_control(FrameType.DONE, {"failed": [[f, r] for f, r in msg.failed]} if msg.failed else {})
     if t is Summary:
         return encode_control(FrameType.SUMMARY, {"files_ok": msg.files_ok, "files_failed": msg.files_failed,
                                                   "bytes_written": msg.bytes_written, "errors": msg.errors})
@@ -301,7 +308,12 @@ def decode_message(ftype: FrameType, body: bytes) -> Message:
         return FileDone(_uint(_get(d, "file_id", int), "file_id", 32), _get(d, "ok", bool), bad,
                         _get(d, "error", str, optional=True, default=""))
     if ftype == FrameType.DONE:
-        return Done()
+        failed = []
+        for item in _get(d, "failed", list, optional=True, default=[]):
+            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], str):
+                raise RemoteProtocolError("DONE failed entries must be [file_id, reason]")
+            failed.append((_uint(item[0], "file_id", 32), item[1][:MAX_REASON]))
+        return Done(failed)
     if ftype == FrameType.SUMMARY:
         errors = _get(d, "errors", list, optional=True, default=[])
         if not all(isinstance(e, str) for e in errors):  # str() of a deep list: RecursionError
