@@ -151,6 +151,12 @@ def short_lease(tmp_path):
     s.close()
 
 
+def _released(s, rid: str):
+    """The reservation once released: a job's task releases it just after announcing its
+    final state, so right after a job ends the scheduler may not have heard yet."""
+    return s.wait_for(lambda: (x := s.reservations()[rid]).state.released and x, what=f"{rid} released")
+
+
 def _reservations_of(s, job_id: str):
     """Every reservation the scheduler holds for one job, in order."""
     return [r for r in s.reservations().values() if r.request.transfer_id == job_id]
@@ -233,7 +239,7 @@ def test_change_rate_is_followed_and_cancel_releases_and_stays_resumable(small):
     assert t.state is JobState.CANCELLED
     assert [ev.new_rate_bps for _, ev in rate_events] == [2 * M]
     assert rate_events[0][0] < 10.0  # followed while the copy runs (~8 s left at 2M), not after it
-    r = s.reservations()[t.reservation_id]
+    r = _released(s, t.reservation_id)
     assert r.state is State.CANCELLED and r.rate_bps == 2 * M
 
     # The partial data stays: a new job sends only what is missing.
@@ -271,7 +277,7 @@ def test_an_agent_that_stops_heartbeating_loses_its_reservation_and_resumes_on_a
     s.on_a(s.link_a.start())
     t = s.on_a(s.manager.wait(t.id))
     assert t.state is JobState.DONE, t
-    assert t.reservation_id != first and s.reservations()[t.reservation_id].state is State.DONE
+    assert t.reservation_id != first and _released(s, t.reservation_id).state is State.DONE
     assert t.bytes_skipped > 0  # resumed, not started over
     assert src.read_bytes() == (s.b.root / "big.bin").read_bytes()
 
@@ -308,7 +314,7 @@ def test_a_job_with_a_window_waits_reserved_until_it_opens(small):
     assert [st for _, st in states][-3:] == [JobState.RESERVED, JobState.TRANSFERRING, JobState.DONE]
     transferring = next(at for at, st in states if st is JobState.TRANSFERRING)
     assert transferring >= opens
-    r = s.reservations()[t.reservation_id]
+    r = _released(s, t.reservation_id)
     # Off-peak mode: a window sized for the volume (+2 % +128 KiB) at the rate, placed at the
     # earliest start that fits within [window_start, window_end) — not the whole hour.
     volume = r.request.volume_bytes
@@ -418,7 +424,7 @@ def test_a_restarted_daemon_resumes_its_job_on_the_same_reservation(small):
 
     rid, t = s.on_a(first_half())
     assert t.state is JobState.DONE and t.reservation_id == rid
-    assert s.reservations()[rid].state is State.DONE
+    assert _released(s, rid).state is State.DONE
     assert src.read_bytes() == (s.b.root / "big.bin").read_bytes()
 
 
@@ -434,6 +440,7 @@ def test_a_deadline_job_reserves_the_volume_over_the_time_left(small):
 
     deadline, t = s.on_a(go())
     assert t.state is JobState.DONE, t
+    _released(s, t.reservation_id)
     [r] = _reservations_of(s, t.id)  # one reservation for the whole job (the lease outlives it)
     assert r.id == t.reservation_id
     assert r.request.rate_bps is None and r.request.finish_by == pytest.approx(deadline, abs=0.01)
@@ -509,7 +516,7 @@ def test_a_job_still_running_when_its_window_ends_is_stopped_and_stays_resumable
     monkeypatch.setattr(JobManager, "_volume", lambda self, t: 150_000)  # 1.2 s at 1 Mbit/s
     t = s.on_a(go())
     assert t.state is JobState.FAILED and "ended before the transfer finished" in t.error and "resume" in t.error, t
-    r = s.reservations()[t.reservation_id]
+    r = _released(s, t.reservation_id)
     assert r.state is State.FAILED and r.reason == "window ended"
     assert t.updated - r.end < 8  # stopped when the window closed, not at the end of the data (16 s)
     assert not (s.b.root / "slow.bin").exists()  # never visible under its name while partial
@@ -550,7 +557,7 @@ def test_an_operator_rate_change_on_a_scheduled_job_goes_through_the_scheduler(s
     assert raised.rate_bps == 5 * M
     assert refused is not None and "50000000 bit/s is above the capacity" in str(refused), refused
     assert after.rate_bps == 5 * M
-    r = s.reservations()[raised.reservation_id]
+    r = _released(s, raised.reservation_id)
     assert r.rate_bps == 5 * M and r.state is State.CANCELLED
 
 
@@ -585,7 +592,7 @@ def test_a_running_job_continues_while_the_scheduler_restarts_and_resyncs_after(
                what="rate followed")
     t = s.on_a(s.manager.wait(t.id))
     assert t.state is JobState.DONE and t.reservation_id == rid, (t, _reservations_of(s, t.id))
-    assert s.reservations()[rid].state is State.DONE  # released into the restarted scheduler
+    assert _released(s, rid).state is State.DONE  # released into the restarted scheduler
     assert src.read_bytes() == (s.b.root / "r.bin").read_bytes()
 
 
